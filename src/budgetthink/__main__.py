@@ -1,0 +1,3 @@
+from budgetthink.cli import main
+
+main()

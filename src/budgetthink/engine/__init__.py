@@ -1,0 +1,85 @@
+"""Generation engines: one interface, a torch backend (default) and a vLLM backend (optional).
+
+    engine = load_engine("runs/tiny", backend="torch")          # a path, or a loaded (model, tokenizer)
+    outs = engine.generate(prompts, Sampling(temperature=1.0, max_tokens=256), n=8,
+                           budget=Budget(max_thinking_tokens=64, extensions=1), fmt=get_format("tinyzero"))
+    # outs: list of len(prompts) * n Completions, prompt-major (all samples of prompt 0 first)
+
+Budget forcing semantics are in DESIGN.md ("Budget forcing semantics (s1)").
+"""
+
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from budgetthink.errors import UserError
+
+
+class Sampling(BaseModel):
+    """How tokens are drawn."""
+
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(1.0, ge=0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 keeps all")
+    max_tokens: int = Field(256, ge=1, description="cap on sampled tokens per completion (thinking + answer)")
+    stop: list[str] = Field(default_factory=list, description="stop strings (in the answer, or anywhere without a budget)")
+    seed: int | None = Field(None, description="seed for sampling; None draws from torch's global generator")
+
+
+class Budget(BaseModel):
+    """Budget forcing (s1): bounds on thinking, counted in sampled tokens only."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_thinking_tokens: int | None = Field(None, description="force the end of thinking after this many sampled thinking tokens")
+    min_thinking_tokens: int = Field(0, description="suppress the end of thinking until this many have been sampled")
+    extensions: int = Field(0, description="ignore the end of thinking this many times, appending the extension string")
+    extension_string: str = Field("Wait", description="what is appended when an end of thinking is suppressed")
+    answer_prefix: str = Field("", description="appended after a forced end of thinking, before the answer")
+    max_answer_tokens: int = Field(64, description="cap on sampled answer tokens after thinking ends")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_thinking_tokens is not None and self.max_thinking_tokens < 0:
+            raise ValueError(f"max_thinking_tokens must be >= 0, got {self.max_thinking_tokens}")
+        if self.min_thinking_tokens < 0:
+            raise ValueError(f"min_thinking_tokens must be >= 0, got {self.min_thinking_tokens}")
+        if self.extensions < 0:
+            raise ValueError(f"extensions must be >= 0, got {self.extensions}")
+        if self.max_answer_tokens < 1:
+            raise ValueError(f"max_answer_tokens must be >= 1, got {self.max_answer_tokens}")
+        if self.max_thinking_tokens is not None and self.min_thinking_tokens > self.max_thinking_tokens:
+            raise ValueError(f"min_thinking_tokens ({self.min_thinking_tokens}) is above "
+                             f"max_thinking_tokens ({self.max_thinking_tokens}); lower the minimum or raise the maximum")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.max_thinking_tokens is not None or self.min_thinking_tokens > 0 or self.extensions > 0
+
+
+@dataclass
+class Completion:
+    prompt_index: int  # which prompt this sample belongs to
+    text: str  # everything after the prompt, inserted strings included
+    thinking: str  # text before the closing delimiter (all of it if thinking never closed)
+    answer: str  # text after the closing delimiter and the format's answer prefix
+    token_ids: list[int]  # every token after the prompt, inserted ones included
+    logprobs: list[float]  # log-prob of each token under the sampling distribution used; 0.0 for inserted
+    sampled: list[bool]  # True where the model sampled the token, False where the engine inserted it
+    finish_reason: str  # "stop" (end-of-text or stop string), "length" (max_tokens hit), "forced" (max thinking hit)
+    thinking_tokens: int = 0  # sampled thinking tokens (what the budget counts)
+    answer_tokens: int = 0  # sampled answer tokens
+    extensions: int = 0  # number of extension strings inserted
+    meta: dict = field(default_factory=dict)
+
+
+def load_engine(model, backend: str = "torch", **kwargs):
+    """An engine over `model` (a model directory, or a `(model, tokenizer)` pair)."""
+    if backend == "torch":
+        from budgetthink.engine.torch import TorchEngine
+        return TorchEngine(model, **kwargs)
+    if backend == "vllm":
+        from budgetthink.engine.vllm import VLLMEngine
+        return VLLMEngine(model, **kwargs)
+    raise UserError(f"unknown engine {backend!r}; use torch or vllm")

@@ -1,0 +1,77 @@
+"""Verifiable problem sources: a Task generates problems, scores completions and (where it can) solves them.
+
+    task = get_task("countdown", num_numbers=3)
+    problems = task.generate(100, seed=0)          # list[Problem], deterministic per seed
+    score = task.score(problems[0], completion)     # Score(reward, correct, formatted, extracted)
+    trace = task.solve(problems[0])                 # Trace(thinking, answer): the programmatic teacher
+
+A Problem round-trips through `{"id", "task", "prompt", "answer", "meta"}`.
+"""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from budgetthink.errors import UserError
+
+
+@dataclass
+class Problem:
+    id: str
+    task: str
+    prompt: str  # the full prompt text for a base model, *without* the format's opening think delimiter
+    answer: Any  # ground truth; countdown: {"target": int, "numbers": [int, ...]} as in TinyZero
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Problem":
+        missing = [k for k in ("id", "task", "prompt", "answer") if k not in d]
+        if missing:
+            raise UserError(f"problem record lacks field(s) {', '.join(missing)}; "
+                            "each line needs id, task, prompt, answer (and optional meta)")
+        return cls(id=str(d["id"]), task=d["task"], prompt=d["prompt"], answer=d["answer"], meta=d.get("meta") or {})
+
+
+@dataclass
+class Score:
+    reward: float
+    correct: bool
+    formatted: bool  # an answer was found in the expected format
+    extracted: str | None  # the answer text that was scored
+
+
+@dataclass
+class Trace:
+    thinking: str  # the reasoning, without delimiters
+    answer: str  # the final answer text as the model should write it after thinking (e.g. "<answer>1+2</answer>")
+
+
+class Task(Protocol):
+    name: str
+
+    def generate(self, n: int, seed: int) -> list[Problem]: ...
+
+    def score(self, problem: Problem, completion: str) -> Score: ...
+
+    def solve(self, problem: Problem) -> Trace | None: ...
+
+
+TASKS = ("countdown", "multiply", "math")
+
+
+def get_task(name: str, **options) -> Task:
+    """The task called `name`, built with its options (unknown options are a UserError)."""
+    if name == "countdown":
+        from budgetthink.tasks.countdown import Countdown as cls
+    elif name == "multiply":
+        from budgetthink.tasks.multiply import Multiply as cls
+    elif name == "math":
+        from budgetthink.tasks.math import Math as cls
+    else:
+        raise UserError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise UserError(f"bad option for task {name!r}: {e}") from None

@@ -1,0 +1,24 @@
+"""Shared fixtures: the `test` preset tiny model, built once per test run (and cached across runs)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+CACHE = Path(os.environ.get("BUDGETTHINK_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "tests"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """Directory of the pretrained `test` preset tiny model (built on first use, then reused)."""
+    from budgetthink import tiny
+
+    if hasattr(tiny, "cached_build"):
+        return Path(tiny.cached_build("test", CACHE))
+    # until pretraining lands: a randomly initialised model of the same shape
+    out = CACHE / "random-test"
+    if not (out / "config.json").exists():
+        model, tok = tiny.init_model("test", seed=0)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    return out
