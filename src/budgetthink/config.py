@@ -8,6 +8,7 @@ type names the key and the expected type. Both are `UserError`s: one line, exit 
 """
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from budgetthink.errors import UserError
 
 C = TypeVar("C", bound=BaseModel)
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 class Config(BaseModel):
@@ -45,6 +47,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str) and NUMBER.fullmatch(value):  # YAML 1.1 reads `1e-5` as a string
+            value = float(value)
         _set_dotted(tree, key.strip(), value)
     return tree
 
