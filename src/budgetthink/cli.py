@@ -40,7 +40,7 @@ def _root(
 Out = Annotated[Path, typer.Option("--out", help="Output directory (or file).")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 TaskOpt = Annotated[str, typer.Option("--task", help="Task: countdown, multiply or math.")]
-TaskOptions = Annotated[Optional[list[str]], typer.Option("--task-option", "-o", help="Task option key=value (repeatable).")]
+TaskOptions = Annotated[Optional[list[str]], typer.Argument(help="Task options key=value, e.g. num_numbers=4 split=test.")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Config overrides key=value (dotted keys nest).")]
 MaxThink = Annotated[Optional[int], typer.Option("--max-thinking-tokens", help="Force the end of thinking after this many sampled tokens.")]
 MinThink = Annotated[int, typer.Option("--min-thinking-tokens", help="Suppress the end of thinking until this many sampled tokens.")]
@@ -52,9 +52,15 @@ Format = Annotated[str, typer.Option("--format", help="Think format: tinyzero, s
 
 
 def _options(items: list[str] | None) -> dict:
-    from budgetthink.config import parse_overrides
+    from budgetthink.data.problems import parse_options
 
-    return parse_overrides(items or [])
+    return parse_options(items or [])
+
+
+def _print_json(obj) -> None:
+    import json
+
+    print(json.dumps(obj))
 
 
 def _budget(max_thinking_tokens, min_thinking_tokens, extensions, extension_string, answer_prefix, max_answer_tokens):
@@ -83,22 +89,22 @@ def tiny(out: Out, preset: Annotated[str, typer.Option(help="test (< 1M params, 
 
 @data_app.command("generate")
 def data_generate(task: TaskOpt, n: Annotated[int, typer.Option(help="Number of problems.")], out: Out,
-                  seed: Seed = 0, task_option: TaskOptions = None):
-    """Write N problems of a task as JSONL."""
+                  seed: Seed = 0, options: TaskOptions = None):
+    """Write N problems of a task as JSONL (task options as key=value, e.g. num_numbers=4 split=test)."""
     from budgetthink.data import problems
 
-    problems.generate(task, n, seed, out, _options(task_option))
+    _print_json(problems.generate(task, n, seed, out, _options(options)))
 
 
 @data_app.command("score")
 def data_score(task: TaskOpt, inp: Annotated[Path, typer.Option("--in", help="JSONL of problem fields plus `completion`.")],
                out: Annotated[Optional[Path], typer.Option("--out", help="Write scored lines here.")] = None,
                skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed lines (and count them).")] = False,
-               task_option: TaskOptions = None):
+               options: TaskOptions = None):
     """Score completions: prints mean reward, accuracy and format rate."""
     from budgetthink.data import problems
 
-    problems.score(task, inp, out, skip_bad, _options(task_option))
+    _print_json(problems.score(task, inp, out, skip_bad, _options(options)))
 
 
 def main():

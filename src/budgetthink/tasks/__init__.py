@@ -8,6 +8,7 @@
 A Problem round-trips through `{"id", "task", "prompt", "answer", "meta"}`.
 """
 
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +57,25 @@ class Task(Protocol):
     def score(self, problem: Problem, completion: str) -> Score: ...
 
     def solve(self, problem: Problem) -> Trace | None: ...
+
+
+SPLITS = ("all", "train", "test")
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; use all, train or test")
+    return split
+
+
+def in_split(key, split: str) -> bool:
+    """Whether a generated problem (identified by `key`) belongs to `split`: a stable hash sends one problem
+    in ten to `test` and the rest to `train`, so that held-out problems never appear in training data,
+    whatever the seeds."""
+    if split == "all":
+        return True
+    is_test = zlib.crc32(repr(key).encode()) % 10 == 0
+    return is_test == (split == "test")
 
 
 TASKS = ("countdown", "multiply", "math")

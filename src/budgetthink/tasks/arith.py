@@ -44,9 +44,7 @@ def evaluate(text: str) -> Fraction:
         tree = ast.parse(source, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
         raise ArithError(f"not an expression: {type(e).__name__}") from None
-    nodes = 0
-    for _ in ast.walk(tree):
-        nodes += 1
+    for nodes, _ in enumerate(ast.walk(tree), 1):
         if nodes > MAX_NODES:
             raise ArithError(f"expression has more than {MAX_NODES} nodes")
     return _walk(tree.body, 0)

@@ -20,7 +20,7 @@ the line then lists every final attempt with an explicit local check that restat
 
     3 5 7 -> 22
     <think>3+5=8 8+7=15!=22 8-7=1!=22 8*7=56!=22
-    3-5 ... (as 5-3=2 2+7=9!=22 ...)
+    5-3=2 2+7=9!=22 7-2=5!=22 2*7=14!=22
     3*5=15 15+7=22==22
     (3*5)+7=15+7=22==22</think><answer>(3*5)+7</answer>
 
@@ -35,8 +35,8 @@ from fractions import Fraction
 from functools import lru_cache
 
 from budgetthink.errors import UserError
-from budgetthink.tasks import Problem, Score, Trace
-from budgetthink.tasks.arith import ArithError, evaluate
+from budgetthink.tasks import Problem, Score, Trace, check_split, in_split
+from budgetthink.tasks.arith import MAX_CHARS, ArithError, evaluate
 
 TEMPLATES = ("compact", "base", "qwen-instruct")
 
@@ -135,8 +135,9 @@ def _render(node) -> str:
     if isinstance(node, int):
         return str(node)
     op, a, b = node
-    wrap = lambda n: str(n) if isinstance(n, int) else f"({_render(n)})"  # noqa: E731
-    return f"{wrap(a)}{op}{wrap(b)}"
+    left = str(a) if isinstance(a, int) else f"({_render(a)})"
+    right = str(b) if isinstance(b, int) else f"({_render(b)})"
+    return f"{left}{op}{right}"
 
 
 def _reduce_once(node):
@@ -188,6 +189,8 @@ def search(numbers: list[int], target: int) -> tuple[str, str] | None:
             lines.append(indent + " ".join(parts))
         return found
 
+    if len(numbers) > MAX_NUMBERS:  # the search would not finish in reasonable time
+        return None
     if len(numbers) == 1:
         return (f"{numbers[0]}=={target}", str(numbers[0])) if numbers[0] == target else None
     solved = go([(n, n) for n in numbers], 0)
@@ -207,7 +210,7 @@ class Countdown:
     name = "countdown"
 
     def __init__(self, num_numbers=3, number_range=(1, 10), target_range=(1, 100), template: str = "compact",
-                 correct_reward: float = 1.0, format_reward: float = 0.1, none_reward: float = 0.0):
+                 split: str = "all", correct_reward: float = 1.0, format_reward: float = 0.1, none_reward: float = 0.0):
         self.num_numbers = parse_range(num_numbers, "num_numbers")
         self.number_range = parse_range(number_range, "number_range")
         self.target_range = parse_range(target_range, "target_range")
@@ -218,6 +221,7 @@ class Countdown:
         if template not in TEMPLATES:
             raise UserError(f"unknown countdown template {template!r}; known: {', '.join(TEMPLATES)}")
         self.template = template
+        self.split = check_split(split)
         self.correct_reward, self.format_reward, self.none_reward = (
             float(correct_reward), float(format_reward), float(none_reward))
 
@@ -254,7 +258,7 @@ class Countdown:
                 continue
             target = rng.choice(targets)
             key = (tuple(numbers), target)
-            if key in seen:
+            if key in seen or not in_split(key, self.split):
                 continue
             problem = self.make(numbers, target, {"seed": seed, "index": len(out)})
             trace = self.solve(problem)
@@ -267,7 +271,7 @@ class Countdown:
     # ---- scoring ----
     def check(self, expr: str, numbers: list[int], target: int) -> bool:
         """True if `expr` uses exactly `numbers`, only allowed characters, and equals `target`."""
-        if not expr or any(c not in _ALLOWED for c in expr):
+        if not expr or len(expr) > MAX_CHARS or any(c not in _ALLOWED for c in expr):
             return False
         used, digits = [], ""
         for c in expr + " ":

@@ -1,6 +1,6 @@
 """Multiplication: the product of two integers (TinyZero's arithmetic task).
 
-    task = Multiply(digits=3)                      # operands with 1..3 digits (or digits=(2, 3), "2-3")
+    task = Multiply(digits=3)                      # 3-digit operands (digits=(1, 3) or "1-3": 1 to 3 digits)
     task = Multiply(tinyzero_distribution=True)    # TinyZero: each operand 0-99 w.p. 1/3, else 0-999
     task.score(problem, "...<answer>5535</answer>")   # 1.0 exact, 0.1 another integer, 0.0 no integer answer
     task.solve(problem).thinking                   # long-hand partial products, their sum, then a check
@@ -25,7 +25,7 @@ import random
 import re
 
 from budgetthink.errors import UserError
-from budgetthink.tasks import Problem, Score, Trace
+from budgetthink.tasks import Problem, Score, Trace, check_split, in_split
 from budgetthink.tasks.countdown import last_answer, parse_range
 
 TEMPLATES = ("compact", "base")
@@ -41,6 +41,7 @@ BASE_TEMPLATE = (
 COMPACT_TEMPLATE = "{a}*{b}\n"
 
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_OPERANDS = re.compile(r"([0-9]+) ?\* ?([0-9]+)", re.ASCII)
 
 
 def long_hand(a: int, b: int) -> tuple[list[str], int]:
@@ -65,7 +66,7 @@ class Multiply:
     name = "multiply"
 
     def __init__(self, digits=3, tinyzero_distribution: bool = False, template: str = "compact",
-                 correct_reward: float = 1.0, format_reward: float = 0.1, none_reward: float = 0.0):
+                 split: str = "all", correct_reward: float = 1.0, format_reward: float = 0.1, none_reward: float = 0.0):
         self.digits = parse_range(digits, "digits")
         if self.digits[0] < 1:
             raise UserError(f"digits must be at least 1, got {digits!r}")
@@ -73,6 +74,7 @@ class Multiply:
             raise UserError(f"unknown multiply template {template!r}; known: {', '.join(TEMPLATES)}")
         self.tinyzero_distribution = bool(tinyzero_distribution)
         self.template = template
+        self.split = check_split(split)
         self.correct_reward, self.format_reward, self.none_reward = (
             float(correct_reward), float(format_reward), float(none_reward))
 
@@ -96,7 +98,7 @@ class Multiply:
             if tries > 50 * n + 10_000:
                 raise UserError(f"multiply: found only {len(out)} distinct problems of {n}; raise digits or lower --n")
             a, b = self._operand(rng), self._operand(rng)
-            if (a, b) in seen:
+            if (a, b) in seen or not in_split((a, b), self.split):
                 continue
             seen.add((a, b))
             out.append(self.make(a, b, {"seed": seed, "index": len(out)}))
@@ -107,14 +109,26 @@ class Multiply:
         expr = text.strip() if text is not None else None
         if expr is None or not _INT.fullmatch(expr):
             return Score(self.none_reward, False, False, expr)
-        if int(expr) == int(problem.answer):
+        try:
+            value = int(expr)
+        except ValueError:  # more digits than Python converts (4300): certainly not this product
+            value = None
+        if value == int(problem.answer):
             return Score(self.correct_reward, True, True, expr)
         return Score(self.format_reward, False, True, expr)
 
-    def solve(self, problem: Problem) -> Trace:
-        a, b = int(problem.meta["a"]), int(problem.meta["b"])
+    def solve(self, problem: Problem) -> Trace | None:
+        """The long-hand trace; operands from meta, else the last `A * B` in the prompt (None if absent)."""
+        if "a" in problem.meta and "b" in problem.meta:
+            a, b = int(problem.meta["a"]), int(problem.meta["b"])
+        else:
+            found = _OPERANDS.findall(problem.prompt)
+            if not found:
+                return None
+            a, b = map(int, found[-1])
         lines, product = long_hand(a, b)
         check, again = long_hand(b, a)
-        assert product == again == a * b
+        if not product == again == a * b:
+            raise RuntimeError(f"long-hand multiplication disagrees for {a}*{b}")
         check[-1] += f"=={product}"
         return Trace(thinking="\n".join(lines + check), answer=f"<answer>{product}</answer>")

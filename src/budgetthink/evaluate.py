@@ -1,0 +1,593 @@
+"""Test-time scaling evaluation: budget sweeps, s1's metrics, parallel voting, and a report to look at.
+
+    budgetthink eval --model runs/tiny --task countdown --n 200 --seed 0 \\
+        --budgets 16,32,64,128 --extensions 0,1,2,4 --samples 8 --out runs/eval
+    budgetthink eval --model runs/rl --model runs/rl-budget --task countdown --n 200 \\
+        --budgets 16,32,64,128 --budget-in-prompt --out runs/eval-budget
+
+For each model and *method* (how a budget is imposed), every *setting* is run on the same N problems:
+
+| method          | prompt states B | engine forces      | settings                                    |
+| forced          | no              | max B (s1 BF)      | one per budget B; one per extension count N |
+| stated          | yes             | no (safety cap 4B) | one per budget B                            |
+| stated+forced   | yes             | max B              | one per budget B                            |
+
+An extension setting (method `forced` only) suppresses the end of thinking N times, appending the
+extension string ("Wait"), under a thinking cap of the largest budget (`extension_max_thinking`); N=0 is
+the model thinking as long as it likes up to that cap. The sequential settings decode greedily. With
+`samples` K > 1, each method also draws K samples per problem at `temperature` under the smallest budget
+(`parallel_budget`) for parallel scaling.
+
+Metrics (s1 §3.2), per model and method, over its sequential settings A (x = a setting's mean thinking
+tokens per problem, f = its accuracy):
+- **Control**: share of runs whose thinking stayed within the requested bounds (a budget setting: at most B
+  thinking tokens, at least the minimum; an extension setting: at most the cap, and N extensions made unless
+  the cap came first). s1 writes it 1/|A| sum_a 1[a_min <= a <= a_max]; here every sample is a run.
+- **Scaling**: mean slope of accuracy over thinking tokens across all pairs of settings,
+  1/C(|A|,2) sum_{a<b} (f(b) - f(a)) / (b - a). Units: **percentage points of accuracy per 1,000 thinking
+  tokens** (the model's own tokens, sampled only). Pairs with equal token counts have no slope and are
+  left out. Negative when more thinking makes it worse.
+- **Performance**: the best accuracy over the settings (percent).
+- **Control error**: mean |used - B| / B over the samples of the budget settings (LCPO's measure of how
+  closely a stated budget is followed; 0 is exact).
+- **Parallel scaling** (s1 Fig. 4b): for k = 1, 2, 4, ..., K, majority-vote accuracy over k samples against
+  the mean *total* thinking tokens of those k samples, so voting is compared with sequential forcing at
+  the same token cost; and pass@k by the unbiased estimator 1 - C(n-c, k) / C(n, k).
+
+Majority vote: each sample votes with its extracted answer, whitespace removed (no answer: no vote); the
+answers scored correct vote together, since each is equivalent to the reference and so to one another
+(wrong answers merge only when their text is the same, e.g. math's `1/2` and `0.5` would count apart when
+both are wrong). The most votes wins; a tie goes to the answer whose first vote came earliest in sample
+order. The vote is correct when the winning answer is.
+For k < K the K samples are cut into floor(K/k) disjoint groups of k in order, and the group results are
+averaged.
+
+Outputs in `--out`: results.json (rows per setting, parallel rows, summary), samples.jsonl (one line per
+sample; a rerun with the same settings skips the settings already there), scaling.png and report.html.
+"""
+
+import hashlib
+import html
+import json
+import math
+import platform
+import shlex
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from budgetthink.errors import UserError
+
+METHODS = ("forced", "stated", "stated+forced")
+DELIMITER_ROOM = 16  # sampled tokens allowed per end of thinking on top of the budgets (s1's is ~5 tokens)
+STATED_CAP_FACTOR = 4  # `stated` runs are unforced, but thinking is cut at 4x the stated budget so runs end
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure metrics
+# ---------------------------------------------------------------------------------------------------------
+def within_bounds(thinking_tokens: int, extensions: int = 0, *, max_tokens: int | None = None,
+                  min_tokens: int = 0, min_extensions: int = 0) -> bool:
+    """Did one run's thinking stay within the requested bounds? Reaching the maximum excuses missing
+    extensions (budget forcing makes none after the maximum)."""
+    if thinking_tokens < min_tokens:
+        return False
+    if max_tokens is not None and thinking_tokens > max_tokens:
+        return False
+    capped = max_tokens is not None and thinking_tokens >= max_tokens
+    return extensions >= min_extensions or capped
+
+
+def control(flags: list[bool]) -> float | None:
+    """Share of runs within bounds (0..1); None without runs."""
+    return sum(map(bool, flags)) / len(flags) if flags else None
+
+
+def control_error(used: list[int], budgets: list[int]) -> float | None:
+    """Mean |used - B| / B over runs (0 is exact; 0.5 means half a budget off on average)."""
+    pairs = [(u, b) for u, b in zip(used, budgets, strict=True) if b]
+    return sum(abs(u - b) / b for u, b in pairs) / len(pairs) if pairs else None
+
+
+def scaling(tokens: list[float], accuracies: list[float]) -> float | None:
+    """s1's Scaling: mean over pairs of settings of (f(b) - f(a)) / (b - a), in accuracy units per token.
+
+    Give accuracies in percent and multiply by 1000 for percentage points per 1,000 tokens (what the report
+    shows). Pairs with equal token counts are left out; None if no pair has a slope."""
+    slopes = []
+    for i in range(len(tokens)):
+        for j in range(i + 1, len(tokens)):
+            if tokens[i] != tokens[j]:
+                slopes.append((accuracies[j] - accuracies[i]) / (tokens[j] - tokens[i]))
+    return sum(slopes) / len(slopes) if slopes else None
+
+
+def performance(accuracies: list[float]) -> float | None:
+    """s1's Performance: the best accuracy."""
+    return max(accuracies) if accuracies else None
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i), stable for large n
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def vote_key(extracted: str | None, correct: bool = False) -> str | None:
+    """What a sample votes for: its extracted answer without whitespace (None: no answer, no vote).
+    Correct answers all vote together: each is equivalent to the reference, hence to one another."""
+    if extracted is None:
+        return None
+    if correct:
+        return "<correct>"
+    key = "".join(str(extracted).split())
+    return key or None
+
+
+def majority_vote(keys: list[str | None]) -> int | None:
+    """Index of the sample whose answer wins the vote (the first sample giving it); None if nobody voted.
+    Ties go to the answer whose first vote came earliest."""
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key is None:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, i)
+    if not counts:
+        return None
+    best = max(counts, key=lambda a: (counts[a], -first[a]))
+    return first[best]
+
+
+def ks_up_to(K: int) -> list[int]:
+    """1, 2, 4, ... up to K, with K itself last."""
+    ks, k = [], 1
+    while k < K:
+        ks.append(k)
+        k *= 2
+    return ks + [K]
+
+
+def parallel_scaling(problems: list[list[tuple[str | None, bool, int]]]) -> list[dict]:
+    """Majority vote and pass@k for k = 1, 2, 4, ..., K.
+
+    problems: one list per problem of its K samples, each (vote key, correct, thinking tokens).
+    Returns rows {k, majority_accuracy, pass_at_k, total_thinking_tokens}: accuracies in 0..1, tokens the
+    mean over problems (and groups) of the summed thinking tokens of k samples."""
+    K = min(len(s) for s in problems)
+    rows = []
+    for k in ks_up_to(K):
+        votes, totals, passes = [], [], []
+        for samples in problems:
+            samples = samples[:K]
+            for g in range(K // k):
+                group = samples[g * k:(g + 1) * k]
+                winner = majority_vote([s[0] for s in group])
+                votes.append(winner is not None and bool(group[winner][1]))
+                totals.append(sum(s[2] for s in group))
+            passes.append(pass_at_k(K, sum(bool(s[1]) for s in samples), k))
+        rows.append({"k": k, "majority_accuracy": sum(votes) / len(votes), "pass_at_k": sum(passes) / len(passes),
+                     "total_thinking_tokens": sum(totals) / len(totals)})
+    return rows
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def aggregate(records: list[dict]) -> dict:
+    """Rows, parallel rows and summary from per-sample records (see `_record`)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["model"], r["method"], r["setting"])].append(r)
+    rows, parallel = [], []
+    for (model, method, setting), rs in groups.items():
+        head = rs[0]
+        if head["kind"] == "parallel":
+            by_problem: dict[int, list[dict]] = defaultdict(list)
+            for r in sorted(rs, key=lambda r: r["sample"]):
+                by_problem[r["problem"]].append(r)
+            table = [[(vote_key(r["extracted"], r["correct"]), r["correct"], r["thinking_tokens"]) for r in samples]
+                     for samples in by_problem.values()]
+            for p in parallel_scaling(table):
+                parallel.append({"model": model, "method": method, "setting": setting, "budget": head["budget"],
+                                 **p, "majority_accuracy": 100 * p["majority_accuracy"],
+                                 "pass_at_k": 100 * p["pass_at_k"]})
+            continue
+        budgets = [r["budget"] for r in rs] if head["kind"] == "budget" else []
+        rows.append({
+            "model": model, "method": method, "setting": setting, "kind": head["kind"], "budget": head["budget"],
+            "extensions": head["extensions_requested"], "n": len(rs),
+            "accuracy": 100 * _mean([float(r["correct"]) for r in rs]),
+            "mean_reward": _mean([r["reward"] for r in rs]),
+            "thinking_tokens": _mean([r["thinking_tokens"] for r in rs]),
+            "answer_tokens": _mean([r["answer_tokens"] for r in rs]),
+            "extensions_made": _mean([r["extensions"] for r in rs]),
+            "control": 100 * control([r["within"] for r in rs]),
+            "control_error": control_error([r["thinking_tokens"] for r in rs], budgets) if budgets else None,
+        })
+    rows.sort(key=lambda r: (r["model"], METHODS.index(r["method"]), r["kind"] != "budget",
+                             r["budget"] or 0, r["extensions"]))
+    summary = []
+    for model, method in dict.fromkeys((r["model"], r["method"]) for r in rows):
+        rs = [r for r in rows if (r["model"], r["method"]) == (model, method)]
+        runs = [r for r in records if (r["model"], r["method"]) == (model, method) and r["kind"] != "parallel"]
+        budget_runs = [r for r in runs if r["kind"] == "budget"]
+        slope = scaling([r["thinking_tokens"] for r in rs], [r["accuracy"] for r in rs])
+        best = max(rs, key=lambda r: r["accuracy"])
+        par = [p for p in parallel if (p["model"], p["method"]) == (model, method)]
+        summary.append({
+            "model": model, "method": method,
+            "control": 100 * control([r["within"] for r in runs]),
+            "scaling": None if slope is None else 1000 * slope,
+            "performance": best["accuracy"], "best_setting": best["setting"],
+            "control_error": control_error([r["thinking_tokens"] for r in budget_runs],
+                                           [r["budget"] for r in budget_runs]),
+            "majority_at_K": par[-1]["majority_accuracy"] if par else None,
+            "pass_at_K": par[-1]["pass_at_k"] if par else None,
+            "K": par[-1]["k"] if par else None,
+        })
+    return {"rows": rows, "parallel": parallel, "summary": summary}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings: what each run asks of the engine
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Setting:
+    label: str  # "B=16", "ext=2", "vote K=8 B=16"
+    kind: str  # "budget", "ext" or "parallel"
+    budget: int | None  # the requested (or stated) thinking budget B
+    extensions: int  # requested extensions N
+    stated: int | None  # budget written into the prompt, or None
+    max_thinking: int  # what the engine caps thinking at
+    bound: int  # the maximum the run should stay within (B, or the extension cap)
+    samples: int  # samples per problem
+    temperature: float
+
+
+def make_settings(method: str, budgets: list[int], extensions: list[int], samples: int, temperature: float,
+                  extension_max_thinking: int, parallel_budget: int) -> list[Setting]:
+    stated, forced = method != "forced", method != "stated"
+    cap = (lambda b: b) if forced else (lambda b: STATED_CAP_FACTOR * b)
+    out = [Setting(f"B={b}", "budget", b, 0, b if stated else None, cap(b), b, 1, 0.0) for b in budgets]
+    if method == "forced":
+        out += [Setting(f"ext={e}", "ext", None, e, None, extension_max_thinking, extension_max_thinking, 1, 0.0)
+                for e in extensions]
+    if samples > 1:
+        b = parallel_budget
+        out.append(Setting(f"vote K={samples} B={b}", "parallel", b, 0, b if stated else None, cap(b), b,
+                           samples, temperature))
+    return out
+
+
+def _record(model, method, s: Setting, index: int, problem, sample: int, completion, score, sig: str) -> dict:
+    t = completion.thinking_tokens
+    return {
+        "sig": sig, "model": model, "method": method, "setting": s.label, "kind": s.kind, "budget": s.budget,
+        "extensions_requested": s.extensions, "problem": index, "problem_id": problem.id, "sample": sample,
+        "thinking_tokens": t, "answer_tokens": completion.answer_tokens, "extensions": completion.extensions,
+        "finish_reason": completion.finish_reason, "reward": score.reward, "correct": bool(score.correct),
+        "formatted": bool(score.formatted), "extracted": score.extracted,
+        "within": within_bounds(t, completion.extensions, max_tokens=s.bound, min_extensions=s.extensions),
+        "text": completion.text,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plot and report
+# ---------------------------------------------------------------------------------------------------------
+FIGSIZE, DPI = (10, 7), 100  # scaling.png is 1000 x 700 pixels
+METHOD_LABELS = {"forced": "budget forcing", "stated": "budget in prompt", "stated+forced": "budget in prompt + forcing"}
+
+
+def plot(results: dict, path: Path) -> None:
+    """Accuracy over mean thinking tokens per problem: one colour per model and method; budget settings solid
+    (in budget order, labelled B=...), extension settings dotted (labelled ext=N), majority vote over k
+    samples dashed (labelled k=...), its x the total thinking tokens of the k samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lines = list(dict.fromkeys((r["model"], r["method"]) for r in results["rows"]))
+    xs_all = []
+
+    def draw(points, labels, style, marker, color, label, dy):
+        xs, ys = [max(x, 0.5) for x, _ in points], [y for _, y in points]  # 0.5: a zero stays on a log axis
+        xs_all.extend(xs)
+        ax.plot(xs, ys, style, marker=marker, color=color, label=label, lw=2 if style != "--" else 1.5)
+        for text, x, y in zip(labels, xs, ys):
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=7, color=color)
+
+    for i, (model, method) in enumerate(lines):
+        color, name = colors[i % len(colors)], f"{_short(model)}: {METHOD_LABELS[method]}"
+        rows = [r for r in results["rows"] if (r["model"], r["method"]) == (model, method)]
+        seq = [r for r in rows if r["kind"] == "budget"]  # rows come sorted by budget
+        if seq:
+            draw([(r["thinking_tokens"], r["accuracy"]) for r in seq], [r["setting"] for r in seq], "-", "o",
+                 color, name, 5)
+        ext = [r for r in rows if r["kind"] == "ext"]
+        if ext:
+            draw([(r["thinking_tokens"], r["accuracy"]) for r in ext], [r["setting"] for r in ext], ":", "s",
+                 color, f"{_short(model)}: extensions (\"{results.get('extension_string', 'Wait')}\")", 5)
+        par = [p for p in results["parallel"] if (p["model"], p["method"]) == (model, method)]
+        if par:
+            draw([(p["total_thinking_tokens"], p["majority_accuracy"]) for p in par], [f"k={p['k']}" for p in par],
+                 "--", "^", color, f"{name}, majority vote (B={par[0]['budget']})", -11)
+    if xs_all and max(xs_all) / min(xs_all) > 4:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("mean thinking tokens per problem (sampled tokens; for majority vote, all k samples together)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.set_title(f"Test-time scaling on {results['task']} (n={results['n']} problems, seed {results['seed']})")
+    ax.grid(True, alpha=0.3)
+    ax.margins(x=0.06)
+    handles, labels = ax.get_legend_handles_labels()
+    rows_below = (len(labels) + 1) // 2  # the legend goes under the axes, two columns
+    bottom = min(0.45, 0.03 + 0.032 * rows_below)
+    if labels:
+        fig.legend(handles, labels, fontsize=8, ncol=2, loc="lower center", frameon=False)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.savefig(path, dpi=DPI, format="png")  # no bbox_inches="tight": the image keeps FIGSIZE x DPI pixels
+    plt.close(fig)
+
+
+def _short(model: str) -> str:
+    p = Path(str(model))
+    return p.name or str(model)
+
+
+def _fmt(v, digits=1) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c) if not isinstance(c, str) else c)}</td>" for c in row)
+                   + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(results: dict, png_name: str = "scaling.png") -> str:
+    """A self-contained page: the plot (by relative path), a summary, a table per model, how it was made."""
+    summary = _table(
+        ["model", "method", "Control (%)", "Scaling (pp / 1k tokens)", "Performance (%)", "best setting",
+         "control error", "majority@K (%)", "pass@K (%)", "K"],
+        [[s["model"], s["method"], s["control"], s["scaling"], s["performance"], s["best_setting"],
+          _fmt(s["control_error"], 3), s["majority_at_K"],
+          s["pass_at_K"], s["K"]] for s in results["summary"]])
+    per_model = []
+    for model in dict.fromkeys(r["model"] for r in results["rows"]):
+        rows = [[r["method"], r["setting"], r["accuracy"], _fmt(r["mean_reward"], 3), r["thinking_tokens"],
+                 r["answer_tokens"], r["extensions_made"], r["control"],
+                 None if r["control_error"] is None else _fmt(r["control_error"], 3), r["n"]]
+                for r in results["rows"] if r["model"] == model]
+        part = _table(["method", "setting", "accuracy (%)", "mean reward", "thinking tokens", "answer tokens",
+                       "extensions made", "within bounds (%)", "control error", "problems"], rows)
+        par = [[p["method"], p["k"], p["majority_accuracy"], p["pass_at_k"], p["total_thinking_tokens"]]
+               for p in results["parallel"] if p["model"] == model]
+        if par:
+            part += "<h3>Parallel scaling (temperature sampling)</h3>" + _table(
+                ["method", "k", "majority vote (%)", "pass@k (%)", "total thinking tokens"], par)
+        per_model.append(f"<h2>{html.escape(model)}</h2>{part}")
+    versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+    settings = (f"task {results['task']} {json.dumps(results['task_options'])}, n={results['n']}, "
+                f"seed={results['seed']}, format {results['format']}, engine {results['engine']}, "
+                f"budgets {results['budgets']}, extensions {results['extensions']}, samples {results['samples']} "
+                f"(temperature {results['temperature']}), max answer tokens {results['max_answer_tokens']}")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>budgetthink eval: {html.escape(results['task'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
+code, pre {{ background: #f6f6f6; padding: 0.2em 0.4em; white-space: pre-wrap; word-break: break-all; }}
+img {{ max-width: 100%; border: 1px solid #ddd; }}
+</style></head><body>
+<h1>Test-time scaling: {html.escape(results['task'])}</h1>
+<p><img src="{html.escape(png_name)}" alt="accuracy over mean thinking tokens"></p>
+<h2>Summary (s1 metrics)</h2>
+{summary}
+<p>Control: share of runs whose thinking stayed within the requested bounds. Scaling: mean slope of accuracy
+over thinking tokens across all pairs of settings, in percentage points per 1,000 thinking tokens.
+Performance: best accuracy. Control error: mean |used &minus; B| / B over the budget settings.
+Majority@K and pass@K: K samples per problem at the parallel budget; pass@k is the unbiased estimator.</p>
+{''.join(per_model)}
+<h2>How this was made</h2>
+<p>Command:</p><pre>{html.escape(results['command'])}</pre>
+<p>Settings: {html.escape(settings)}</p>
+<p>Versions: {html.escape(versions)}</p>
+</body></html>
+"""
+
+
+def summary_text(results: dict) -> str:
+    """The summary as aligned text lines (what the command prints on stdout)."""
+    head = f"{'model':<28} {'method':<14} {'Control%':>8} {'Scaling':>9} {'Perf%':>6} {'best':>8} {'ctl err':>7}"
+    lines = [head]
+    for s in results["summary"]:
+        lines.append(f"{_short(s['model'])[:28]:<28} {s['method']:<14} {_fmt(s['control']):>8} "
+                     f"{_fmt(s['scaling']):>9} {_fmt(s['performance']):>6} {s['best_setting']:>8} "
+                     f"{_fmt(s['control_error'], 3):>7}" + (f"  majority@{s['K']} {_fmt(s['majority_at_K'])}%"
+                                                          f"  pass@{s['K']} {_fmt(s['pass_at_K'])}%" if s["K"] else ""))
+    return "\n".join(lines) + "\n(Scaling: percentage points of accuracy per 1,000 thinking tokens)"
+
+
+def parse_ints(text: str | list[int] | None, flag: str) -> list[int]:
+    """`"16,32,64"` -> [16, 32, 64] for a comma-separated flag (empty: [])."""
+    if text is None:
+        return []
+    if isinstance(text, (list, tuple)):
+        return [int(x) for x in text]
+    try:
+        return [int(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UserError(f"{flag} takes whole numbers separated by commas, e.g. 16,32,64 (got {text!r})") from None
+
+
+def versions(engine: str = "torch") -> dict:
+    import budgetthink
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers") + (("vllm",) if engine == "vllm" else ()):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = "not installed"
+    out["budgetthink"] = budgetthink.__version__
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------------
+def fingerprint(model: str) -> str:
+    """Names, sizes and times of a model directory's weight files, hashed: a retrained model at the same path
+    does not reuse the samples of the old one."""
+    path = Path(model)
+    files = sorted(f for f in path.glob("*") if f.suffix in (".safetensors", ".bin", ".pt")) if path.is_dir() else []
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha1(json.dumps([str(model), stamp]).encode()).hexdigest()[:12]
+
+
+def _check(models, n, budgets, extensions, samples, methods):
+    if not models:
+        raise UserError("no model given; pass --model DIR (repeat it to compare models)")
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+    if not budgets or any(not isinstance(b, int) or b < 1 for b in budgets):
+        raise UserError(f"--budgets must be positive token counts, e.g. 16,32,64,128 (got {budgets})")
+    if any(not isinstance(e, int) or e < 0 for e in extensions):
+        raise UserError(f"--extensions must be counts >= 0, e.g. 0,1,2,4 (got {extensions})")
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1, got {samples}")
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UserError(f"unknown method(s) {bad or methods}; use {', '.join(METHODS)}")
+
+
+def run(models: list[str], task: str, n: int, seed: int, budgets: list[int], extensions: list[int] = (),
+        samples: int = 1, out: Path = Path("eval"), budget_in_prompt: bool = False, force: bool = True,
+        engine="torch", fmt: str = "tinyzero", task_options: dict | None = None, max_answer_tokens: int = 64,
+        temperature: float = 1.0, methods: list[str] | None = None, parallel_budget: int | None = None,
+        extension_max_thinking: int | None = None, extension_string: str = "Wait", batch_size: int = 64,
+        command: str | None = None, quiet: bool = False) -> dict:
+    """Evaluate `models` on `n` problems of `task` across budgets; write results.json, samples.jsonl,
+    scaling.png and report.html under `out`; return the results dict.
+
+    budget_in_prompt/force choose the method (forced; stated; stated+forced) unless `methods` lists several.
+    `engine` is a backend name ("torch", "vllm") or an object with the engine's `generate` (used for every
+    model). Budgets are sorted; extension settings run under `extension_max_thinking` (default: the largest
+    budget); the K samples under `parallel_budget` (default: the smallest budget)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from budgetthink.engine import Budget, Sampling, load_engine
+    from budgetthink.formats import get_format
+    from budgetthink.jsonl import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+    from budgetthink.tasks import get_task
+
+    if methods is None:
+        if not budget_in_prompt and not force:
+            raise UserError("with neither budget forcing nor --budget-in-prompt every budget is the same run; "
+                            "drop --no-force or add --budget-in-prompt")
+        methods = ["stated+forced" if force else "stated"] if budget_in_prompt else ["forced"]
+    models, budgets, extensions = [str(m) for m in models], sorted(set(budgets)), sorted(set(extensions or []))
+    _check(models, n, budgets, extensions, samples, methods)
+    task_options = dict(task_options or {})
+    ext_cap = extension_max_thinking or budgets[-1]
+    par_budget = parallel_budget or budgets[0]
+    form = get_format(fmt)
+    the_task = get_task(task, **task_options)
+    problems = the_task.generate(n, seed)
+    if not problems:
+        raise UserError(f"task {task!r} gave no problems; check its options (e.g. the problem file)")
+    n = len(problems)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"task": task, "task_options": task_options, "n": n, "seed": seed, "format": fmt,
+              "max_answer_tokens": max_answer_tokens, "temperature": temperature,
+              "extension_string": extension_string, "ext_cap": ext_cap, "parallel_budget": par_budget,
+              "engine": engine if isinstance(engine, str) else type(engine).__name__}
+    sig = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    # resume: keep the complete settings of an earlier run with the same signature and unchanged weights
+    samples_path = out / "samples.jsonl"
+    old = read_jsonl(samples_path, skip_bad=True) if samples_path.exists() else []
+    prints = {m: fingerprint(m) for m in models}
+    kept = [r for r in old if r.get("sig") == sig and r.get("weights") == prints.get(r["model"], r.get("weights"))]
+    if len(kept) != len(old):
+        write_jsonl(samples_path, kept)
+    done: dict[tuple, int] = defaultdict(int)
+    for r in kept:
+        done[(r["model"], r["method"], r["setting"])] += 1
+
+    plan = [(m, meth, s) for m in models for meth in methods
+            for s in make_settings(meth, budgets, extensions, samples, temperature, ext_cap, par_budget)]
+    records = []
+    console = Console(stderr=True, quiet=quiet)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        loaded = {}
+        for model, method, s in plan:
+            key, want = (model, method, s.label), n * s.samples
+            if done.get(key) == want:
+                records += [r for r in kept if (r["model"], r["method"], r["setting"]) == key]
+                continue
+            if done.get(key):  # a partial setting (killed mid-way): drop it and redo it
+                kept = [r for r in kept if (r["model"], r["method"], r["setting"]) != key]
+                write_jsonl(samples_path, kept)
+            if model not in loaded:
+                loaded.clear()  # one model in memory at a time
+                loaded[model] = engine if not isinstance(engine, str) else load_engine(model, backend=engine)
+            eng = loaded[model]
+            budget = Budget(max_thinking_tokens=s.max_thinking, extensions=s.extensions,
+                            extension_string=extension_string, max_answer_tokens=max_answer_tokens)
+            # max_tokens counts every sampled token, removed end-of-thinking tokens included: leave room for them
+            room = s.max_thinking + max_answer_tokens + DELIMITER_ROOM * (s.extensions + 1)
+            sampling = Sampling(temperature=s.temperature, max_tokens=room, seed=seed)
+            bar = progress.add_task(f"{_short(model)} {method} {s.label}", total=want)
+            new = []
+            for start in range(0, n, batch_size):
+                chunk = problems[start:start + batch_size]
+                prompts = [form.prompt(p.prompt, budget=s.stated) for p in chunk]
+                outs = eng.generate(prompts, sampling, n=s.samples, budget=budget, fmt=form)
+                if len(outs) != len(chunk) * s.samples:
+                    raise RuntimeError(f"engine returned {len(outs)} completions for {len(chunk)} x {s.samples}")
+                for j, c in enumerate(outs):
+                    i = start + j // s.samples
+                    p = problems[i]
+                    new.append(_record(model, method, s, i, p, j % s.samples, c, the_task.score(p, c.text), sig)
+                               | {"weights": prints[model]})
+                progress.advance(bar, len(outs))
+            append_jsonl(samples_path, new)
+            records += new
+
+    results = {"command": command or shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
+               "versions": versions(config["engine"]), "models": models, "methods": list(methods),
+               "budgets": budgets, "extensions": extensions, "samples": samples, **config, **aggregate(records)}
+    atomic_write_json(out / "results.json", results)
+    tmp_png = out / ".scaling.png.tmp"
+    plot(results, tmp_png)
+    tmp_png.replace(out / "scaling.png")
+    atomic_write_text(out / "report.html", render_html(results))
+    return results

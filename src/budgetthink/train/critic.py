@@ -1,0 +1,48 @@
+"""The PPO critic: a causal-LM backbone (no LM head) with a scalar value head on every position.
+
+    critic = Critic.from_pretrained("runs/tiny")          # a policy's model directory, or a saved critic
+    values = critic(input_ids, attention_mask, position_ids)   # [B, L]: V(s) after reading tokens 0..t
+    critic.save_pretrained(dir)        # the backbone as an ordinary model directory + value_head.safetensors
+
+The head starts at zero, so every initial value is 0 and the first advantages are the returns.
+"""
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+HEAD_FILE = "value_head.safetensors"
+
+
+class Critic(torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "Critic":
+        from transformers import AutoModel
+
+        backbone = AutoModel.from_pretrained(path, dtype=dtype)  # drops a causal LM's head if there is one
+        critic = cls(backbone, backbone.config.hidden_size).to(dtype)
+        head = Path(path) / HEAD_FILE
+        if head.exists():
+            critic.head.load_state_dict(load_file(head))
+        return critic
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, keep: int | None = None) -> torch.Tensor:
+        """Values [B, L] (or of the last `keep` positions), as float32."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state  # [B, L, H]
+        if keep is not None:
+            hidden = hidden[:, -keep:]
+        return self.head(hidden).squeeze(-1).float()  # [B, L]
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.backbone.save_pretrained(path)
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, path / HEAD_FILE)

@@ -1,0 +1,666 @@
+"""R1-Zero-style RL with verifiable rewards: the GRPO family (grpo, dr_grpo, rloo, reinforce_pp) and PPO.
+
+    budgetthink rl --config recipes/tiny-countdown-grpo.yaml --out runs/rl [key=value ...] [--resume]
+    python -m budgetthink.train.rl --config recipes/tiny-countdown-grpo.yaml --out runs/rl max_steps=2
+
+Each step: take the next prompts of the task (a fixed order per seed), sample n completions per prompt
+through the engine (under a thinking budget if one is set) with the current weights, score them with the
+task's verifier, turn scores into advantages, and update the policy for `ppo_epochs` passes over
+mini-batches. Tokens the engine inserted (budget forcing) are context, never a policy-gradient target.
+
+Outputs in OUT: metrics.jsonl (a line per step), eval.jsonl (greedy held-out evaluation every
+`eval_every` steps), checkpoints/step_N (atomic; `--resume` continues from the last), model/ (the final
+policy, an ordinary model directory), metrics.png, config.yaml.
+
+Simplifications: one process (no data parallelism); the KL reference is the initial policy; with the
+vllm engine the engine must expose `update_weights(model)`, called before every generation.
+"""
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from budgetthink.config import Config, dump_config
+from budgetthink.engine import Budget, Sampling
+from budgetthink.errors import UserError
+from budgetthink.jsonl import append_jsonl, read_jsonl, write_jsonl
+from budgetthink.train import losses as L
+from budgetthink.train.common import (LoRA, MetricsLog, Optim, check_finite, clip_grad, latest_checkpoint,
+                                      load_state, make_optimizer, make_scheduler, plot_metrics, rng_state,
+                                      save_checkpoint, seed_everything, set_rng_state)
+
+ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo")
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+class CriticConfig(Config):
+    """The PPO critic (used only with algorithm: ppo)."""
+
+    model: str | None = Field(None, description="model directory to start the critic from; None: the policy's")
+    optim: Optim = Field(default_factory=lambda: Optim(lr=1e-5), description="the critic's own optimizer")
+    value_clip: float | None = Field(0.5, gt=0, description="clip on the value change in the value loss (None: off)")
+    warmup_steps: int = Field(0, ge=0, description="steps that train only the critic before the actor updates")
+
+
+class RLConfig(Config):
+    """Settings of `budgetthink rl`. Shared keys (model, task, format, engine, seed, max_steps, budget) mean
+    the same as in every other recipe."""
+
+    model: str = Field(description="policy model directory (or hub id on a machine that has it)")
+    task: str = Field("countdown", description="task name: countdown, multiply or math")
+    task_options: dict = Field(default_factory=dict, description="options passed to the task (e.g. num_numbers)")
+    format: str = Field("tinyzero", description="think format: tinyzero, s1 or r1")
+    engine: str = Field("torch", description="generation engine: torch or vllm")
+    seed: int = Field(0, description="seeds data order, sampling and mini-batch order")
+    max_steps: int = Field(100, ge=1, description="number of RL steps (one batch of prompts each)")
+    budget: Budget | None = Field(None, description="thinking budget applied to every rollout and evaluation")
+
+    # data
+    train_size: int = Field(10000, ge=1, description="training problems generated from the task")
+    eval_size: int = Field(200, ge=0, description="held-out problems (disjoint from training) for greedy eval")
+    train_file: str | None = Field(None, description="JSONL of problems to train on instead of generating")
+    eval_file: str | None = Field(None, description="JSONL of held-out problems instead of generating")
+
+    # rollouts
+    prompts_per_step: int = Field(16, ge=1, description="prompts per step")
+    n: int = Field(8, ge=1, description="completions sampled per prompt (the group size)")
+    max_response_tokens: int = Field(128, ge=1, description="cap on sampled tokens per completion")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (log-probs use the same)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    top_k: int = Field(0, ge=0, description="top-k sampling; 0 keeps all")
+
+    # algorithm
+    algorithm: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo"] = Field(
+        "grpo", description="advantage estimator; ppo trains a critic and uses GAE")
+    norm_adv_by_std: bool = Field(True, description="grpo: divide by the group's reward std")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="how per-token losses become one number (Dr. GRPO: seq-mean-token-sum-norm)")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="importance ratio lower clip: 1 - clip_low")
+    clip_high: float = Field(0.2, ge=0, description="importance ratio upper clip: 1 + clip_high (DAPO: 0.28)")
+    dual_clip: float | None = Field(None, gt=1, description="dual-clip bound c for negative advantages (None: off)")
+    ppo_epochs: int = Field(1, ge=1, description="passes over each batch (GRPO's iterations)")
+    mini_batch_size: int | None = Field(None, ge=1, description="completions per optimizer update (None: the whole batch)")
+    micro_batch_size: int = Field(16, ge=1, description="completions per forward/backward (gradient accumulation)")
+    kl_coef: float = Field(0.0, ge=0, description="KL-to-reference coefficient; 0 keeps no reference model")
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="KL estimator: k1 (log ratio) or k3 (low variance)")
+    kl_in_reward: bool = Field(False, description="fold the KL into the reward (TinyZero PPO) instead of the loss")
+    kl_target: float | None = Field(None, gt=0, description="adaptive KL: steer the measured KL to this (None: fixed coef)")
+    kl_horizon: int = Field(10000, ge=1, description="adaptive KL horizon")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus coefficient")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount (ppo, reinforce_pp)")
+    lam: float = Field(1.0, ge=0, le=1, description="GAE lambda (ppo)")
+    whiten_advantages: bool = Field(True, description="ppo: whiten GAE advantages over the batch")
+    truncated: Literal["keep", "mask", "soft"] = Field(
+        "keep", description="completions that hit max_response_tokens: keep, mask out of the loss, or soft penalty")
+    overlong_cache: int = Field(16, ge=1, description="soft: the penalty ramps from 0 to -1 over the last this many tokens")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal")
+    max_refills: int = Field(0, ge=0, description="dynamic sampling: extra generation rounds to refill dropped groups")
+    critic: CriticConfig = Field(default_factory=CriticConfig, description="the PPO critic")
+
+    # optimisation
+    optim: Optim = Field(default_factory=Optim, description="policy optimizer and schedule")
+    lora: LoRA | None = Field(None, description="train LoRA adapters instead of all weights")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="training compute dtype (bf16: autocast)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    device: str = Field("auto", description="auto, cpu or cuda[:i]")
+
+    # bookkeeping
+    eval_every: int = Field(10, ge=0, description="greedy held-out evaluation every this many steps (0: never)")
+    eval_batch_size: int = Field(256, ge=1, description="prompts per evaluation generate call")
+    save_every: int = Field(10, ge=1, description="checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
+    warn_after: int = Field(5, ge=1, description="warn if the reward is still 0 after this many steps")
+    warn_truncated: float = Field(0.2, ge=0, le=1, description="warn if more than this share is truncated")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.algorithm == "rloo" and self.n < 2:
+            raise ValueError("rloo needs n >= 2 completions per prompt")
+        if self.algorithm in ("grpo", "dr_grpo") and self.n < 2:
+            raise ValueError(f"{self.algorithm} needs n >= 2 completions per prompt (or use algorithm: ppo)")
+        if self.dynamic_sampling and self.algorithm == "ppo":
+            raise ValueError("dynamic_sampling applies to the group estimators, not ppo")
+        if self.kl_target is not None and not self.kl_in_reward:
+            raise ValueError("kl_target (adaptive KL) needs kl_in_reward: true")
+        return self
+
+
+# --- run state -------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    cfg: RLConfig
+    out: Path
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: object
+    engine: object
+    task: object
+    fmt: object
+    train_set: list
+    eval_set: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    kl: L.KLController
+    ref: torch.nn.Module | None = None
+    critic: torch.nn.Module | None = None
+    critic_opt: torch.optim.Optimizer | None = None
+    critic_sched: object = None
+    step: int = 0  # last completed step
+    data_pos: int = 0  # problems consumed from the data order
+    last_ckpt: Path | None = None
+    log: MetricsLog = None
+    warned: set = field(default_factory=set)
+    zero_reward_steps: int = 0
+    _perm: tuple = (None, None)
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_problems(path: str):
+    from budgetthink.tasks import Problem
+
+    return [Problem.from_dict(r) for r in read_jsonl(path)]
+
+
+def _data(cfg: RLConfig) -> tuple[object, list, list]:
+    """(task, train problems, held-out problems): from files, or generated from the task's train and test
+    splits (disjoint whatever the seeds)."""
+    from budgetthink.tasks import get_task
+
+    task = get_task(cfg.task, **{**cfg.task_options, "split": "train"})
+    train = _load_problems(cfg.train_file) if cfg.train_file else task.generate(cfg.train_size, seed=cfg.seed)
+    if cfg.eval_file:
+        held = _load_problems(cfg.eval_file)
+    elif cfg.eval_size:
+        held = get_task(cfg.task, **{**cfg.task_options, "split": "test"}).generate(cfg.eval_size, seed=cfg.seed)
+    else:
+        held = []
+    held_prompts = {p.prompt for p in held}
+    train = [p for p in train if p.prompt not in held_prompts]
+    if not train:
+        raise UserError("no training problems: raise train_size or check train_file")
+    return task, train, held
+
+
+def _load_policy(cfg: RLConfig, ckpt: Path | None, device, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(ckpt / "model") if ckpt else cfg.model
+    base_dir = cfg.model if cfg.lora else source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model if cfg.lora else source)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {base_dir} ({str(e).splitlines()[0]}); "
+                        "build one with `budgetthink tiny --out DIR` and set model=DIR") from None
+    if cfg.lora:
+        from peft import PeftModel
+
+        from budgetthink.train.common import apply_lora
+
+        model = PeftModel.from_pretrained(model, source, is_trainable=True) if ckpt else apply_lora(model, cfg.lora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(device), tokenizer
+
+
+def setup(cfg: RLConfig, out: Path, resume: bool) -> Run:
+    from budgetthink.engine import load_engine
+    from budgetthink.formats import get_format
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out) if resume else None
+    if not resume and (latest_checkpoint(out) or (out / "metrics.jsonl").exists()):
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    seed_everything(cfg.seed)
+    device = _pick_device(cfg.device)
+    model, tokenizer = _load_policy(cfg, ckpt, device, torch.float32)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    task, train_set, eval_set = _data(cfg)
+    optimizer = make_optimizer(model, cfg.optim)
+    run = Run(cfg=cfg, out=out, device=device, model=model, tokenizer=tokenizer,
+              engine=load_engine(model, cfg.engine, tokenizer=tokenizer), task=task, fmt=get_format(cfg.format),
+              train_set=train_set, eval_set=eval_set, optimizer=optimizer,
+              scheduler=make_scheduler(optimizer, cfg.optim, cfg.max_steps), kl=L.KLController(
+                  cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), log=MetricsLog(out / "metrics.jsonl"))
+    if cfg.kl_coef > 0 and not cfg.lora:  # with LoRA the reference is the base with adapters disabled
+        from transformers import AutoModelForCausalLM
+
+        run.ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device).eval()
+        run.ref.requires_grad_(False)
+    if cfg.algorithm == "ppo":
+        from budgetthink.train.critic import Critic
+
+        source = ckpt / "critic" if ckpt else (cfg.critic.model or cfg.model)
+        run.critic = Critic.from_pretrained(source).to(device)
+        run.critic_opt = make_optimizer(run.critic, cfg.critic.optim)
+        run.critic_sched = make_scheduler(run.critic_opt, cfg.critic.optim, cfg.max_steps)
+    if ckpt:
+        state = load_state(ckpt)
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if run.critic is not None:
+            run.critic_opt.load_state_dict(state["critic_optimizer"])
+            run.critic_sched.load_state_dict(state["critic_scheduler"])
+        run.step, run.data_pos, run.kl.coef = state["step"], state["data_pos"], state["kl_coef"]
+        run.zero_reward_steps, run.warned = state.get("zero_reward_steps", 0), set(state.get("warned", ()))
+        set_rng_state(state["rng"])
+        run.last_ckpt = ckpt
+        run.log.truncate_after(run.step)
+        if (out / "eval.jsonl").exists():
+            write_jsonl(out / "eval.jsonl", [r for r in read_jsonl(out / "eval.jsonl") if r["step"] <= run.step])
+    elif resume:
+        _say(f"no checkpoint in {out}: starting from step 0")
+    dump_config(cfg, out / "config.yaml")
+    return run
+
+
+def checkpoint(run: Run) -> None:
+    state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rng_state(),
+             "data_pos": run.data_pos, "kl_coef": run.kl.coef, "zero_reward_steps": run.zero_reward_steps,
+             "warned": sorted(run.warned)}
+    modules = {}
+    if run.critic is not None:
+        state |= {"critic_optimizer": run.critic_opt.state_dict(), "critic_scheduler": run.critic_sched.state_dict()}
+        modules["critic"] = run.critic
+    run.last_ckpt = save_checkpoint(run.out, run.step, run.model, run.tokenizer, state, modules,
+                                    keep=run.cfg.keep_checkpoints)
+
+
+# --- rollouts -----------------------------------------------------------------------------------------------------
+def next_problems(run: Run, k: int) -> list:
+    """The next k problems of the data order: a fresh permutation of the training set per epoch (per seed)."""
+    N, picked = len(run.train_set), []
+    for i in range(run.data_pos, run.data_pos + k):
+        epoch = i // N
+        if run._perm[0] != epoch:
+            run._perm = (epoch, np.random.default_rng([run.cfg.seed, epoch]).permutation(N))
+        picked.append(run.train_set[run._perm[1][i % N]])
+    run.data_pos += k
+    return picked
+
+
+@dataclass
+class Rollout:
+    problem: object
+    prompt_ids: list[int]
+    completion: object  # engine.Completion
+    score: object  # tasks.Score
+    reward: float  # score.reward plus any overlong penalty
+    truncated: bool
+
+
+def generate(run: Run, problems: list, n: int, sampling: Sampling) -> list[Rollout]:
+    """n completions per problem through the engine, scored; prompt-major order."""
+    cfg = run.cfg
+    prompts = [run.fmt.prompt(p.prompt) for p in problems]
+    if hasattr(run.engine, "update_weights"):
+        run.engine.update_weights(run.model)
+    run.model.eval()
+    with torch.no_grad():
+        comps = run.engine.generate(prompts, sampling, n=n, budget=cfg.budget, fmt=run.fmt)
+    prompt_ids = [run.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    rollouts = []
+    for c in comps:
+        problem = problems[c.prompt_index]
+        score = run.task.score(problem, c.text)
+        truncated = c.finish_reason == "length"
+        reward = float(score.reward)
+        if cfg.truncated == "soft":
+            sampled = sum(c.sampled)
+            reward += float(L.overlong_penalty(torch.tensor([sampled]), sampling.max_tokens, cfg.overlong_cache)[0])
+        rollouts.append(Rollout(problem, prompt_ids[c.prompt_index], c, score, reward, truncated))
+    return rollouts
+
+
+def rollout(run: Run, step: int) -> tuple[list[Rollout], list[Rollout]]:
+    """(all rollouts of this step, the ones to train on). Dynamic sampling drops zero-spread groups and
+    refills from further prompts up to `max_refills` extra rounds."""
+    cfg = run.cfg
+    generated, kept = [], []
+    for round_ in range(1 + (cfg.max_refills if cfg.dynamic_sampling else 0)):
+        sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            max_tokens=cfg.max_response_tokens, seed=_mix(cfg.seed, step, round_))
+        batch = generate(run, next_problems(run, cfg.prompts_per_step), cfg.n, sampling)
+        generated += batch
+        groups = [batch[i:i + cfg.n] for i in range(0, len(batch), cfg.n)]
+        if cfg.dynamic_sampling:
+            groups = [g for g in groups if len({r.reward for r in g}) > 1]
+        kept += [r for g in groups for r in g]
+        if len(kept) >= cfg.prompts_per_step * cfg.n:
+            break
+    return generated, kept[:cfg.prompts_per_step * cfg.n]
+
+
+def _mix(*xs: int) -> int:
+    return int(np.random.SeedSequence(list(xs)).generate_state(1)[0])
+
+
+# --- tensors and forward passes --------------------------------------------------------------------------------
+def collate(rows: list[Rollout], pad_id: int, truncated_mode: str, device) -> dict:
+    """Left-padded prompts then right-padded completions, so every completion starts at column P.
+
+    ids [b, P+T], attn [b, P+T], pos [b, P+T], resp [b, T] (completion ids), mask [b, T]: 1.0 where the model
+    sampled the token (inserted tokens and padding 0; truncated rows 0 with truncated=mask)."""
+    P = max(len(r.prompt_ids) for r in rows)
+    T = max(max(len(r.completion.token_ids) for r in rows), 1)
+    b = len(rows)
+    ids = torch.full((b, P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, P + T), dtype=torch.long)
+    mask = torch.zeros((b, T), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        p, c = r.prompt_ids, r.completion.token_ids
+        ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
+        attn[i, P - len(p):P + len(c)] = 1
+        if not (truncated_mode == "mask" and r.truncated):
+            mask[i, :len(c)] = torch.tensor(r.completion.sampled, dtype=torch.float32)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = {"ids": ids, "attn": attn, "pos": pos, "resp": ids[:, P:], "mask": mask}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def policy_forward(model, batch: dict, temperature: float, entropy: bool, dtype: str):
+    """(log-probs [b, T], entropy [b, T] or None) of the completion tokens under `model`."""
+    T = batch["resp"].shape[1]
+    with torch.autocast(batch["ids"].device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"],
+                       logits_to_keep=T + 1).logits[:, :-1]  # [b, T, V]: position P-1+t predicts token t
+    logits = logits.float() / temperature
+    return L.token_logprobs(logits, batch["resp"]), (L.entropy_from_logits(logits) if entropy else None)
+
+
+def critic_forward(critic, batch: dict, dtype: str) -> torch.Tensor:
+    """Values [b, T]: V at the position before each completion token (the state it was sampled from)."""
+    T = batch["resp"].shape[1]
+    with torch.autocast(batch["ids"].device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        return critic(batch["ids"], batch["attn"], batch["pos"], keep=T + 1)[:, :-1]
+
+
+def _micro(idx: list[int], size: int) -> list[list[int]]:
+    return [idx[i:i + size] for i in range(0, len(idx), size)]
+
+
+def _pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+
+def score_batch(run: Run, rows: list[Rollout], need_old: bool) -> dict:
+    """Forward passes with no gradient over the whole batch: old log-probs (if needed), reference
+    log-probs (if a KL is used), values (ppo); then advantages. All [B, T] except `scores` [B]."""
+    cfg, dev = run.cfg, run.device
+    T = max(max(len(r.completion.token_ids) for r in rows), 1)
+    old, ref, val, ent = [], [], [], []
+    with torch.no_grad():
+        for mb in _micro(list(range(len(rows))), cfg.micro_batch_size):
+            batch = collate([rows[i] for i in mb], run.tokenizer.pad_token_id, cfg.truncated, dev)
+            if need_old:
+                lp, e = policy_forward(run.model, batch, cfg.temperature, True, cfg.dtype)
+                old.append(lp), ent.append(e)
+            if cfg.kl_coef > 0:
+                if run.ref is not None:
+                    ref.append(policy_forward(run.ref, batch, cfg.temperature, False, cfg.dtype)[0])
+                else:
+                    with run.model.disable_adapter():
+                        ref.append(policy_forward(run.model, batch, cfg.temperature, False, cfg.dtype)[0])
+            if run.critic is not None:
+                val.append(critic_forward(run.critic, batch, cfg.dtype))
+    full = collate(rows, run.tokenizer.pad_token_id, cfg.truncated, dev)
+    mask = full["mask"]
+    out = {"mask": mask, "scores": torch.tensor([r.reward for r in rows], device=dev)}
+    if need_old:
+        out["old_logp"], out["entropy"] = _pad_cat(old, T), _pad_cat(ent, T)
+    if ref:
+        out["ref_logp"] = _pad_cat(ref, T)
+    kl_tok = None
+    if cfg.kl_coef > 0 and cfg.kl_in_reward:
+        kl_tok = L.kl_penalty(out["old_logp"], out["ref_logp"], "k1" if cfg.algorithm == "ppo" else cfg.kl_estimator)
+        out["kl_reward"] = L.masked_mean(kl_tok, mask)
+    rew = L.token_rewards(out["scores"], mask, kl_tok, run.kl.coef if kl_tok is not None else 0.0)  # [B, T]
+    if cfg.algorithm == "ppo":
+        out["values"] = _pad_cat(val, T)
+        adv, out["returns"] = L.gae(rew, out["values"], mask, cfg.gamma, cfg.lam)
+        out["adv"] = L.whiten(adv, mask) if cfg.whiten_advantages else adv
+    elif cfg.algorithm == "reinforce_pp":
+        out["adv"] = L.reinforce_pp_advantages(rew, mask, cfg.gamma)
+    else:
+        seq_reward = rew.sum(dim=1) if kl_tok is not None else out["scores"]  # score - beta * sum of KL
+        adv = L.outcome_advantages(cfg.algorithm, seq_reward, cfg.n, cfg.norm_adv_by_std)  # [B]
+        out["adv"] = adv[:, None] * mask
+    return out
+
+
+# --- the update -------------------------------------------------------------------------------------------------------
+def update(run: Run, rows: list[Rollout], step: int) -> dict:
+    """ppo_epochs passes over the batch in mini-batches (one optimizer step each), micro-batched."""
+    cfg = run.cfg
+    B = len(rows)
+    mb_size = min(cfg.mini_batch_size or B, B)
+    on_policy = cfg.ppo_epochs == 1 and mb_size == B  # the ratio is exactly 1: old log-probs = detached new ones
+    data = score_batch(run, rows, need_old=not on_policy or cfg.kl_in_reward)
+    train_actor = not (cfg.algorithm == "ppo" and step <= cfg.critic.warmup_steps)
+    stats: dict[str, list] = {}
+    gen = torch.Generator().manual_seed(_mix(cfg.seed, step, 7))
+    run.model.train()
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=gen).tolist() if (cfg.ppo_epochs > 1 or mb_size < B) else list(range(B))
+        for mb in _micro(order, mb_size):
+            mb_tokens = float(data["mask"][mb].sum().clamp(min=1.0))
+            if train_actor:
+                run.optimizer.zero_grad(set_to_none=True)
+            if run.critic is not None:
+                run.critic_opt.zero_grad(set_to_none=True)
+            for micro in _micro(mb, cfg.micro_batch_size):
+                batch = collate([rows[i] for i in micro], run.tokenizer.pad_token_id, cfg.truncated, run.device)
+                T = batch["resp"].shape[1]
+                pick = {k: v[micro][:, :T] for k, v in data.items() if v.dim() == 2}
+                mask = pick["mask"]
+                # weight so that the sum over micro-batches is the aggregate over the whole mini-batch
+                weight = (float(mask.sum()) / mb_tokens if cfg.loss_agg == "token-mean" else len(micro) / len(mb))
+                if train_actor:
+                    _actor_micro(run, batch, pick, weight, stats, step)
+                if run.critic is not None:
+                    values = critic_forward(run.critic, batch, cfg.dtype)
+                    vl, vclip = L.value_loss(values, pick["values"], pick["returns"], cfg.critic.value_clip)
+                    vloss = L.aggregate(vl, mask, "token-mean")
+                    check_finite(step, run.last_ckpt, value_loss=vloss.item())
+                    (vloss * (float(mask.sum()) / mb_tokens)).backward()
+                    stats.setdefault("value_loss", []).append(vloss.item())
+                    stats.setdefault("value_clip_frac", []).append(L.masked_mean(vclip.float(), mask).item())
+            if train_actor:
+                gn = clip_grad(run.model.parameters(), cfg.optim.grad_clip)
+                check_finite(step, run.last_ckpt, grad_norm=gn)
+                run.optimizer.step()
+                stats.setdefault("grad_norm", []).append(gn)
+            if run.critic is not None:
+                gn = clip_grad(run.critic.parameters(), cfg.critic.optim.grad_clip)
+                check_finite(step, run.last_ckpt, critic_grad_norm=gn)
+                run.critic_opt.step()
+    run.scheduler.step()
+    if run.critic is not None:
+        run.critic_sched.step()
+    result = {k: float(np.mean(v)) for k, v in stats.items()}
+    mask = data["mask"]
+    if "entropy" in data:
+        result["entropy"] = L.masked_mean(data["entropy"], mask).item()
+    if cfg.algorithm == "ppo":
+        result |= {"explained_var": L.explained_variance(data["values"], data["returns"], mask),
+                   "value_mean": L.masked_mean(data["values"], mask).item(),
+                   "return_mean": L.masked_mean(data["returns"], mask).item()}
+    result["adv_mean"] = L.masked_mean(data["adv"], mask).item()
+    if "kl_reward" in data:
+        result["kl"] = data["kl_reward"].item()
+        result["kl_coef"] = run.kl.coef
+        run.kl.update(result["kl"], n_steps=len(rows))
+    return result
+
+
+def _actor_micro(run: Run, batch: dict, pick: dict, weight: float, stats: dict, step: int) -> None:
+    """Loss of one micro-batch of the policy: clipped surrogate (+ KL term) (- entropy bonus); backward."""
+    cfg = run.cfg
+    mask = pick["mask"]
+    logp, ent = policy_forward(run.model, batch, cfg.temperature, entropy=True, dtype=cfg.dtype)
+    if cfg.entropy_coef == 0:
+        ent = ent.detach()
+    old = pick["old_logp"] if "old_logp" in pick else logp.detach()
+    pg, clipped = L.policy_loss(logp, old, pick["adv"], cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+    agg = lambda x: L.aggregate(x, mask, cfg.loss_agg, norm_len=cfg.max_response_tokens)  # noqa: E731
+    loss = agg(pg)
+    if cfg.kl_coef > 0 and not cfg.kl_in_reward:
+        kl = L.kl_penalty(logp, pick["ref_logp"], cfg.kl_estimator)
+        loss = loss + run.kl.coef * agg(kl)
+        stats.setdefault("kl", []).append(L.masked_mean(kl.detach(), mask).item())
+    if cfg.entropy_coef > 0:
+        loss = loss - cfg.entropy_coef * agg(ent)
+    check_finite(step, run.last_ckpt, loss=loss.item())
+    (loss * weight).backward()
+    stats.setdefault("loss", []).append(loss.item())
+    stats.setdefault("pg_loss", []).append(agg(pg.detach()).item())
+    stats.setdefault("clip_frac", []).append(L.masked_mean(clipped.float(), mask).item())
+    stats.setdefault("approx_kl", []).append(L.masked_mean(L.kl_penalty(old, logp.detach(), "k3"), mask).item())
+    if "old_logp" not in pick:
+        stats.setdefault("entropy", []).append(L.masked_mean(ent.detach(), mask).item())
+
+
+# --- evaluation and reporting ------------------------------------------------------------------------------------------
+def evaluate(run: Run, step: int) -> dict:
+    """Greedy decoding on the held-out split: mean reward (TinyZero's validation score) and exact accuracy."""
+    cfg = run.cfg
+    sampling = Sampling(temperature=0.0, max_tokens=cfg.max_response_tokens)
+    rolls = []
+    for i in range(0, len(run.eval_set), cfg.eval_batch_size):
+        rolls += generate(run, run.eval_set[i:i + cfg.eval_batch_size], 1, sampling)
+    record = {"step": step, "n": len(rolls),
+              "reward": float(np.mean([r.score.reward for r in rolls])),
+              "accuracy": float(np.mean([r.score.correct for r in rolls])),
+              "format_rate": float(np.mean([r.score.formatted for r in rolls])),
+              "response_len_mean": float(np.mean([len(r.completion.token_ids) for r in rolls])),
+              "truncated": float(np.mean([r.truncated for r in rolls]))}
+    append_jsonl(run.out / "eval.jsonl", record)
+    return record
+
+
+def rollout_metrics(generated: list[Rollout], n: int) -> dict:
+    rewards = np.array([r.reward for r in generated])
+    groups = rewards.reshape(-1, n)
+    lengths = [sum(r.completion.sampled) for r in generated]
+    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "accuracy": float(np.mean([r.score.correct for r in generated])),
+            "format_rate": float(np.mean([r.score.formatted for r in generated])),
+            "no_answer": float(np.mean([r.score.extracted is None for r in generated])),
+            "zero_spread_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
+            "response_len_mean": float(np.mean(lengths)), "response_len_max": int(max(lengths)),
+            "truncated": float(np.mean([r.truncated for r in generated])),
+            "tokens_generated": int(sum(lengths))}
+
+
+def warnings(run: Run, m: dict) -> None:
+    """The two silent failures users report most: reward stuck at 0, and truncated completions."""
+    cfg = run.cfg
+    run.zero_reward_steps = run.zero_reward_steps + 1 if m["reward_mean"] == 0 else 0
+    if run.zero_reward_steps >= cfg.warn_after and "zero" not in run.warned:
+        run.warned.add("zero")
+        _say(f"warning: reward has been 0 for {run.zero_reward_steps} steps: {m['no_answer']:.0%} of completions "
+             f"have no answer tag, {m['truncated']:.0%} were truncated at max_response_tokens="
+             f"{cfg.max_response_tokens}; check the format ({cfg.format}) and the prompt template")
+    if m["truncated"] > cfg.warn_truncated and cfg.truncated == "keep" and "truncated" not in run.warned:
+        run.warned.add("truncated")
+        _say(f"warning: {m['truncated']:.0%} of completions hit max_response_tokens={cfg.max_response_tokens} "
+             "and were cut off (they usually score 0); raise max_response_tokens, or set truncated=mask or soft")
+
+
+def _say(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+
+
+def finish(run: Run) -> None:
+    """The final policy as an ordinary model directory and the plot of reward, accuracy, length."""
+    import shutil
+
+    tmp, final = run.out / ".model.tmp", run.out / "model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = run.model.merge_and_unload() if run.cfg.lora else run.model
+    model.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    records = run.log.read()
+    evals = {r["step"]: r for r in read_jsonl(run.out / "eval.jsonl")} if (run.out / "eval.jsonl").exists() else {}
+    for r in records:
+        r["eval_accuracy"] = evals.get(r["step"], {}).get("accuracy")
+    if 0 in evals:
+        records.insert(0, {"step": 0, "eval_accuracy": evals[0]["accuracy"]})
+    plot_metrics(records, ["reward_mean", "accuracy", "eval_accuracy", "response_len_mean"],
+                 run.out / "metrics.png", title=f"{run.cfg.algorithm} on {run.cfg.task}")
+
+
+# --- the loop ------------------------------------------------------------------------------------------------------------
+def train(cfg: RLConfig, out: Path, resume: bool = False) -> list[dict]:
+    """Run (or resume) RL into `out`; returns the metrics records."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    run = setup(cfg, out, resume)
+    if run.step == 0 and cfg.eval_every and run.eval_set:
+        evaluate(run, 0)
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=f"rl {cfg.algorithm}", file=sys.stderr, dynamic_ncols=True)
+    for step in range(run.step + 1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        generated, rows = rollout(run, step)  # n completions per prompt with the current weights, scored
+        t1 = time.perf_counter()
+        stats = update(run, rows, step) if rows else {}  # advantages, then ppo_epochs x mini-batches
+        t2 = time.perf_counter()
+        run.step = step
+        m = {"step": step, **rollout_metrics(generated, cfg.n), "groups_trained": len(rows) // cfg.n,
+             "kl": None, "entropy": None, "loss": None, "grad_norm": None, **stats,
+             "lr": run.scheduler.get_last_lr()[0], "generate_s": t1 - t0, "train_s": t2 - t1}
+        if cfg.eval_every and run.eval_set and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            ev = evaluate(run, step)
+            m |= {"eval_reward": ev["reward"], "eval_accuracy": ev["accuracy"]}
+        m["step_s"] = time.perf_counter() - t0
+        run.log.append(m)
+        warnings(run, m)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            checkpoint(run)
+        bar.update(1)
+        bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['accuracy']:.2f}")
+    bar.close()
+    finish(run)
+    return run.log.read()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from budgetthink.config import load_config
+
+    ap = argparse.ArgumentParser(prog="python -m budgetthink.train.rl", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    try:
+        train(load_config(RLConfig, args.config, args.overrides), args.out, args.resume)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
