@@ -166,3 +166,57 @@ def test_clusters_and_bad_options(tmp_path):
         curate(inp, 6, tmp_path / "x.jsonl", domain_field="problem.meta.nothing")
     with pytest.raises(UserError):
         curate(inp, 0, tmp_path / "x.jsonl")
+
+
+# ---- difficulty: a model that really solves some problems ------------------------------------------------
+def _memorize(model_dir, texts: list[str], out, steps: int = 200):
+    """A copy of the tiny model trained until it reproduces `texts` (so greedy decoding solves those problems)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    torch.manual_seed(0)
+    batch = tok([t + tok.eos_token for t in texts], padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # [B, T]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return float(loss)
+
+
+def test_difficulty_drops_what_a_model_solves(tmp_path, tiny_model_dir):
+    from budgetthink.formats import get_format
+
+    task = get_task("countdown")
+    fmt = get_format("tinyzero")
+    problems = task.generate(40, seed=5)
+    learnt = problems[:3]
+    numbers = {tuple(sorted(p.answer["numbers"])) for p in learnt}
+    others = [p for p in problems[3:] if tuple(sorted(p.answer["numbers"])) not in numbers][:5]
+    texts = [fmt.prompt(p.prompt) + fmt.completion("", task.solve(p).answer) for p in learnt]
+    solver_model = tmp_path / "solves-three"
+    loss = _memorize(tiny_model_dir, texts, solver_model)
+    assert loss < 0.05, f"the tiny model did not learn its three answers (loss {loss})"
+    traces = tmp_path / "traces.jsonl"
+    distill("countdown", "solver", None, traces, problems_path=_problems_file(tmp_path, learnt + others))
+    funnel = curate(traces, None, tmp_path / "sel.jsonl", difficulty_models=[tiny_model_dir, solver_model],
+                    difficulty_max_tokens=40)
+    stage = funnel["stages"][3]
+    # the untrained model solves nothing; the trained one solves exactly its three, which are dropped
+    assert stage["stage"] == "difficulty"
+    assert stage["solved_by"] == {str(tiny_model_dir): 0, str(solver_model): 3}
+    kept = {json.loads(x)["id"] for x in (tmp_path / "sel.jsonl").read_text().splitlines()}
+    assert kept == {p.id for p in others}
+
+
+def _problems_file(tmp_path, problems):
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in problems))
+    return path

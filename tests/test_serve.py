@@ -39,6 +39,7 @@ class Server:
         self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.http = httpx.Client(base_url=self.url, timeout=60)  # one client: making one costs ~0.1 s
 
     def __enter__(self):
         self.thread.start()
@@ -52,12 +53,14 @@ class Server:
         self.server.should_exit = True
         self.thread.join(30)
         self.sock.close()
+        self.http.close()
 
     def client(self, key="none", **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60,
+                             http_client=openai.DefaultHttpxClient(), **kw)
 
     def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics").text
+        text = self.http.get("/metrics").text
         return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
@@ -89,7 +92,7 @@ def server(engine):
 
 
 def chat(server, **body):
-    return httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, **body}, timeout=60)
+    return server.http.post("/v1/chat/completions", json={"model": NAME, **body})
 
 
 def error_of(r, status):
@@ -102,8 +105,8 @@ def error_of(r, status):
 # --- the openai client ----------------------------------------------------------------------------------
 def test_models_health_and_metrics(server):
     assert [m.id for m in server.client().models.list()] == [NAME]
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-    text = httpx.get(server.url + "/metrics").text
+    assert server.http.get("/health").json() == {"status": "ok"}
+    text = server.http.get("/metrics").text
     for name in ("budgetthink_requests_total", "budgetthink_queue_depth", "budgetthink_prompt_tokens_total",
                  "budgetthink_completion_tokens_total", "budgetthink_request_latency_seconds_bucket"):
         assert name in text
@@ -121,7 +124,7 @@ def test_chat_matches_the_engine(server, engine):
     assert r.object == "chat.completion" and r.model == NAME and msg.role == "assistant"
     assert r.choices[0].finish_reason == ("length" if c.finish_reason == "length" else "stop")
     assert r.usage.completion_tokens == len(c.token_ids)
-    assert r.usage.prompt_tokens == len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert r.usage.prompt_tokens == len(engine.tokenizer.encode(prompt))
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert r.usage.completion_tokens_details.reasoning_tokens == c.thinking_tokens
 
@@ -228,15 +231,15 @@ def test_bad_fields_are_400_naming_the_field(server, body, param):
 
 
 def test_bad_bodies_are_400(server):
-    url = server.url + "/v1/chat/completions"
+    url = "/v1/chat/completions"
     for content in (b"{not json", b"", b"[1, 2]", b"null", b'"text"', "{\"model\": \"\u00e9\"".encode()):
-        err = error_of(httpx.post(url, content=content, headers={"content-type": "application/json"}), 400)
+        err = error_of(server.http.post(url, content=content, headers={"content-type": "application/json"}), 400)
         assert err["type"] == "invalid_request_error"
-    err = error_of(httpx.post(url, json={"messages": [{"role": "user", "content": "x"}]}), 400)
+    err = error_of(server.http.post(url, json={"messages": [{"role": "user", "content": "x"}]}), 400)
     assert err["param"] == "model"
-    err = error_of(httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "x" * 3000}), 400)
+    err = error_of(server.http.post("/v1/completions", json={"model": NAME, "prompt": "x" * 3000}), 400)
     assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
-    err = error_of(httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": [1, 2]}), 400)
+    err = error_of(server.http.post("/v1/completions", json={"model": NAME, "prompt": [1, 2]}), 400)
     assert err["param"].startswith("prompt")
 
 
@@ -245,20 +248,20 @@ def test_unknown_model_and_routes(server):
     assert err["code"] == "model_not_found" and err["param"] == "model"
     with pytest.raises(openai.NotFoundError):
         server.client().completions.create(model="nope", prompt="x", max_tokens=2)
-    error_of(httpx.get(server.url + "/v1/nothing"), 404)
-    error_of(httpx.get(server.url + "/v1/chat/completions"), 405)
+    error_of(server.http.get("/v1/nothing"), 404)
+    error_of(server.http.get("/v1/chat/completions"), 405)
 
 
 def test_api_key(engine):
     with Server(create_app(engine, NAME, FMT, api_key="s3cret")) as s:
         body = {"model": NAME, "prompt": "1", "max_tokens": 2}
-        error_of(httpx.post(s.url + "/v1/completions", json=body), 401)
-        error_of(httpx.post(s.url + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
-        error_of(httpx.post(s.url + "/v1/completions", content=b"{bad", headers={"Authorization": "Bearer x"}), 401)
+        error_of(s.http.post("/v1/completions", json=body), 401)
+        error_of(s.http.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+        error_of(s.http.post("/v1/completions", content=b"{bad", headers={"Authorization": "Bearer x"}), 401)
         with pytest.raises(openai.AuthenticationError):
             s.client("wrong").models.list()
         assert s.client("s3cret").completions.create(**body).choices[0].text is not None
-        assert httpx.get(s.url + "/health").status_code == 200  # health and metrics need no key
+        assert s.http.get("/health").status_code == 200  # health and metrics need no key
         assert s.metric('budgetthink_requests_total{route="/v1/completions",status="401"}') == 3
 
 
@@ -267,14 +270,14 @@ def test_queue_full_is_429_and_disconnects_free_their_slot(engine):
     with Server(create_app(gated, NAME, FMT, max_batch=1, max_queue=2, window=0)) as s:
         body = {"model": NAME, "prompt": "2+2=", "max_tokens": 3}
         with ThreadPoolExecutor(4) as pool:
-            first = pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=60)
+            first = pool.submit(s.http.post, "/v1/completions", json=body, timeout=60)
             assert gated.entered.wait(10)  # the first request is in the engine, held at the gate
-            queued = [pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=60) for _ in range(2)]
+            queued = [pool.submit(s.http.post, "/v1/completions", json=body, timeout=60) for _ in range(2)]
             deadline = time.time() + 10
             while s.metric("budgetthink_queue_depth") < 2:
                 assert time.time() < deadline
                 time.sleep(0.02)
-            r = httpx.post(s.url + "/v1/completions", json=body)
+            r = s.http.post("/v1/completions", json=body)
             error_of(r, 429)
             assert r.headers["Retry-After"] == "1" and r.json()["error"]["code"] == "queue_full"
             gated.gate.set()
@@ -284,18 +287,17 @@ def test_queue_full_is_429_and_disconnects_free_their_slot(engine):
         gated.gate.clear()
         gated.entered.clear()
         with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=60)
+            first = pool.submit(s.http.post, "/v1/completions", json=body, timeout=60)
             assert gated.entered.wait(10)
             calls = gated.calls
-            with httpx.Client(timeout=60) as c:
-                with c.stream("POST", s.url + "/v1/chat/completions",
-                              json={"model": NAME, "messages": [{"role": "user", "content": "hi"}], "stream": True,
-                                    "max_tokens": 3}) as resp:
-                    assert resp.status_code == 200
-                    next(resp.iter_lines())  # the role chunk: the request is queued
-                    assert s.metric("budgetthink_queue_depth") == 1
+            with s.http.stream("POST", "/v1/chat/completions", json={
+                    "model": NAME, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 3}) as resp:
+                assert resp.status_code == 200
+                lines = resp.iter_lines()  # (kept: a dropped iterator closes the response)
+                assert '"role": "assistant"' in next(lines)  # the role chunk: the request is queued
+                assert s.metric("budgetthink_queue_depth") == 1
             with pytest.raises(httpx.ReadTimeout):
-                httpx.post(s.url + "/v1/completions", json=body, timeout=0.5)
+                s.http.post("/v1/completions", json=body, timeout=0.5)
             deadline = time.time() + 10
             while s.metric("budgetthink_queue_depth") > 0:
                 assert time.time() < deadline, "a disconnected client kept its slot"
@@ -304,7 +306,7 @@ def test_queue_full_is_429_and_disconnects_free_their_slot(engine):
             assert first.result().status_code == 200
             time.sleep(0.2)
             assert gated.calls == calls  # neither of the departed requests reached the engine
-        assert httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code == 200
+        assert s.http.post("/v1/completions", json=body, timeout=60).status_code == 200
 
 
 # --- fuzz and load --------------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ def test_fuzz_request_schema_never_5xx(server, path, body):
     """Random bodies, mostly near the schema (valid values mixed with junk, NaN included): every answer is < 500."""
     if isinstance(body, dict):
         body.setdefault("max_tokens", 4)  # keep the valid requests small so the fuzz stays quick
-    r = httpx.post(server.url + path, content=json.dumps(body), headers={"content-type": "application/json"},
+    r = server.http.post(path, content=json.dumps(body), headers={"content-type": "application/json"},
                    timeout=60)
     assert r.status_code < 500, r.text
     if r.status_code >= 400:
@@ -381,12 +383,12 @@ def test_sigterm_finishes_requests_in_flight(tiny_model_dir):
     code = f"from budgetthink.serve import run; run({str(tiny_model_dir)!r}, '127.0.0.1', {port}, max_batch=4)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     try:
         deadline = time.time() + 60
         while True:
             try:
-                if httpx.get(url + "/health").status_code == 200:
+                if http.get("/health").status_code == 200:
                     break
             except httpx.TransportError:
                 assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
@@ -394,17 +396,20 @@ def test_sigterm_finishes_requests_in_flight(tiny_model_dir):
         with ThreadPoolExecutor(1) as pool:
             body = {"model": str(tiny_model_dir), "prompt": "1", "max_tokens": 1000, "temperature": 1.0,
                     "min_thinking_tokens": 500, "max_thinking_tokens": 500}  # >= 500 decoding steps
-            fut = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=120)
-            while "budgetthink_running_requests 1" not in httpx.get(url + "/metrics").text:
+            fut = pool.submit(http.post, "/v1/completions", json=body)
+            while "budgetthink_running_requests 1" not in http.get("/metrics").text:
                 assert not fut.done(), fut.result().text
                 time.sleep(0.01)
             proc.send_signal(signal.SIGTERM)
             r = fut.result()
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
-        assert proc.wait(60) == 0
+        # uvicorn re-raises the signal once its graceful shutdown is done, so the exit status is -SIGTERM
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in proc.stdout.read().decode()
+        with pytest.raises(httpx.TransportError):
+            http.get("/health")
     finally:
+        http.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    with pytest.raises(httpx.TransportError):
-        httpx.get(url + "/health")

@@ -139,6 +139,7 @@ class Forcing:
         self.seg_start = z()  # [B] index in the output where the current sampled thinking segment starts
         self.answer_start = z()  # [B] index in the output where the answer text starts (stop strings)
         self.forced = z(torch.bool)  # [B] the end of thinking was forced
+        self.removed_n = z()  # [B] closing delimiters the model wrote that were removed (end-of-text not counted)
         self.stopped_by = z()  # [B] LIVE or what ended the row
 
     # --- batch bookkeeping ---------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ class Forcing:
     def select(self, idx: torch.Tensor) -> None:
         """Keep (or repeat) rows `idx` of every state tensor."""
         for name in ("thinking", "think_n", "answer_n", "sampled_n", "ext_n", "seg_start", "answer_start",
-                     "forced", "stopped_by"):
+                     "forced", "removed_n", "stopped_by"):
             setattr(self, name, getattr(self, name)[idx])
 
     @property
@@ -183,7 +184,7 @@ class Forcing:
         think = self.thinking & live
         answer = ~self.thinking & live
         # plain end-of-text: in the answer, or while thinking without a budget (kept in the output)
-        ends = eos & (answer | (think & ~self.on))
+        ends = eos & (answer | think) if not self.on else eos & answer
         self.stopped_by[ends] = EOS
         self.think_n += think & ~eos
         self.answer_n += answer
@@ -210,6 +211,7 @@ class Forcing:
                     drop = n - (lo + keep)  # the delimiter's tokens, x included
                     self.think_n[r] -= drop
                     if self.on and self._extension_due(r):
+                        self.removed_n[r] += 1
                         events[r] = self._extend(r, n, drop)
                     else:  # the model closed thinking itself: nothing inserted
                         self.thinking[r] = False
@@ -252,6 +254,7 @@ class Forcing:
         return drop, self._force(r, n - drop)
 
     def _extend(self, r: int, n: int, drop: int) -> tuple[int, list[int]]:
+        """Remove the model's end (the last `drop` tokens of n) and append the extension string."""
         self.ext_n[r] += 1
         self.seg_start[r] = n - drop + len(self.ext_ids)
         return drop, list(self.ext_ids)

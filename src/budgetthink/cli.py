@@ -107,6 +107,45 @@ def data_score(task: TaskOpt, inp: Annotated[Path, typer.Option("--in", help="JS
     _print_json(problems.score(task, inp, out, skip_bad, _options(options)))
 
 
+@app.command()
+def cost(run_dirs: Annotated[list[Path], typer.Argument(help="Run directories holding ledger.jsonl files.")],
+         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+         prices: Annotated[Optional[Path], typer.Option(help="YAML price table overriding the defaults.")] = None):
+    """The bill: every stage's cost, priced and unpriced lines, and what it leaves out."""
+    from budgetthink import ledger
+
+    ledger.cost(run_dirs, as_json=as_json, prices=prices)
+
+
+@app.command()
+def estimate(recipe: Annotated[Path, typer.Option(help="Recipe YAML (sft or rl).")],
+             gpu: Annotated[str, typer.Option(help="GPU kind from the price table, e.g. h100.")] = "h100",
+             gpus: Annotated[int, typer.Option(help="Number of GPUs.")] = 1,
+             mfu: Annotated[float, typer.Option(help="Model FLOPs utilisation assumed for training.")] = 0.4,
+             gen_mfu: Annotated[Optional[float], typer.Option(help="Utilisation assumed for generation.")] = None,
+             tokens: Annotated[Optional[float], typer.Option(help="Override: tokens trained.")] = None,
+             gen_tokens: Annotated[Optional[float], typer.Option(help="Override: tokens generated.")] = None,
+             params: Annotated[Optional[float], typer.Option(help="Override: model parameters.")] = None,
+             prices: Annotated[Optional[Path], typer.Option(help="YAML price table overriding the defaults.")] = None,
+             as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+    """Project wall time, GPU-hours and dollars for a recipe at full scale."""
+    from budgetthink import ledger
+
+    ledger.estimate(recipe, gpu=gpu, gpus=gpus, mfu=mfu, tokens=tokens, gen_tokens=gen_tokens, params=params,
+                    gen_mfu=gen_mfu, prices=prices, as_json=as_json)
+
+
+@export_app.command("verl")
+def export_verl(task: TaskOpt, out: Out,
+                n_train: Annotated[int, typer.Option("--n-train", help="Training problems.")] = 10000,
+                n_test: Annotated[int, typer.Option("--n-test", help="Test problems.")] = 1024,
+                seed: Seed = 0, format: Format = "tinyzero", options: TaskOptions = None):
+    """Write veRL's parquet files, a reward module and launch scripts with TinyZero's hyper-parameters."""
+    from budgetthink.integrations.verl import export_verl as export
+
+    _print_json(export(task, n_train, n_test, out, seed=seed, task_options=_options(options), format=format))
+
+
 def main():
     try:
         app()

@@ -49,7 +49,6 @@ sample; a rerun with the same settings skips the settings already there), scalin
 import hashlib
 import html
 import json
-import math
 import platform
 import shlex
 import sys

@@ -44,10 +44,11 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -92,6 +93,13 @@ def load_prices(path: str | Path | None = None) -> dict:
                     raise UserError(f"{p}: {section}.{key}: expected a mapping (e.g. usd_per_hour: 2.0)")
                 merged[key] = {**table[section].get(key, {}), "source": f"your price file {p}", "date": None,
                                **entry}
+                need = {"devices": ["usd_per_hour"], "api": ["usd_per_million_input", "usd_per_million_output"]}
+                for field in need.get(section, []):
+                    value = merged[key].get(field)
+                    if value is not None and not isinstance(value, int | float):
+                        raise UserError(f"{p}: {section}.{key}.{field}: expected a number, got {value!r}")
+                    if field not in merged[key]:
+                        raise UserError(f"{p}: {section}.{key}: missing {field} (a number, or null for unknown)")
             table[section] = {**merged, **{k: v for k, v in table[section].items() if k not in merged}}
         if user.get("cpu_device"):
             table["cpu_device"] = user["cpu_device"]
@@ -128,23 +136,22 @@ def price_line(line: dict, prices: dict) -> dict:
         cost_device = 0.0  # nothing ran: no device price is needed
     elif rate is None:
         cost_device = None
-        reasons.append(f"device {line['device']!r} has no price" if entry is None or key is None
-                       else f"device key {key!r} has no usd_per_hour")
+        reasons.append(f"device {line['device']!r} has no price (add it under devices: in a price file)"
+                       if key is None else f"device key {key!r} has no price in the table")
     else:
         cost_device = line["device_hours"] * float(rate)
-    cost_api = 0.0
+    cost_api, api_priced = 0.0, True
     for model, use in (line.get("api") or {}).items():
-        if use.get("reported_cost") is not None:
-            cost_api += float(use["reported_cost"])
-            continue
         api = api_entry(model, prices)
-        if api is None:
+        if use.get("reported_cost") is not None:  # the API said what it charged
+            cost_api += float(use["reported_cost"])
+        elif api is None:
             reasons.append(f"API model {model!r} has no price")
-            cost_api = None
-            continue
-        if cost_api is not None:
+            api_priced = False
+        else:
             cost_api += (use.get("input_tokens", 0) * float(api["usd_per_million_input"])
                          + use.get("output_tokens", 0) * float(api["usd_per_million_output"])) / 1e6
+    cost_api = cost_api if api_priced else None
     priced = cost_device is not None and cost_api is not None
     return {"device_key": key, "cost_device": cost_device, "cost_api": cost_api,
             "cost": cost_device + cost_api if priced else None, "priced": priced, "unpriced": reasons}
@@ -171,7 +178,7 @@ def detect_device() -> tuple[str, int]:
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 def _plain(config: Any) -> Any:
@@ -193,6 +200,8 @@ class LedgerEntry:
         self.config = _plain(config)
         if model is None and isinstance(self.config, dict) and isinstance(self.config.get("model"), str):
             model = self.config["model"]
+        if model is not None and Path(model).is_dir():
+            model = Path(model).resolve()  # a local model: absolute, so the bill finds it from anywhere
         self.model = str(model) if model is not None else None
         self.device, self.device_count = device or detect_device()
         forced = device_key_ or os.environ.get("BUDGETTHINK_DEVICE")
@@ -223,7 +232,7 @@ class LedgerEntry:
         wall = end - self.start
         line = {
             "id": self.id, "stage": self.stage, "status": status, "error": error,
-            "start": _iso(self.start), "end": _iso(end), "wall_s": round(wall, 3),
+            "start": _iso(self.start), "end": _iso(end), "wall_s": wall,
             "device": self.device, "device_count": self.device_count,
             "device_key": self.device_key, "device_key_forced": self.device_key_forced,
             "device_hours": wall / 3600 * self.device_count,
@@ -260,6 +269,10 @@ def stage_ledger(out_dir: str | Path, stage: str, config: Any = None, model: str
         yield entry
     except KeyboardInterrupt:
         status, error = "interrupted", "KeyboardInterrupt"
+        raise
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            status, error = "error", f"SystemExit: {e.code}"
         raise
     except BaseException as e:
         status, error = "error", f"{type(e).__name__}: {e}"[:500]
@@ -324,12 +337,10 @@ def bill(run_dirs: list, prices: str | Path | None = None, follow_models: bool =
         seen.add(f)
         for n, line in enumerate(read_jsonl(f)):
             latest[(f, line.get("id") or f"line{n}")] = {**line, "file": str(f)}
-        if follow_models:  # a model this project made brings its own ledger: the bill follows the lineage
-            for line in read_jsonl(f):
-                src = _model_ledger(line["model"]) if line.get("model") else None
-                if src is not None and src.resolve() not in seen:
-                    followed.append(str(src.resolve()))
-                    queue.append(src.resolve())
+            src = _model_ledger(line["model"]) if follow_models and line.get("model") else None
+            if src is not None and src.resolve() not in seen:  # a model made here: follow it to its own ledger
+                followed.append(str(src.resolve()))
+                queue.append(src.resolve())
 
     lines = []
     for line in latest.values():
@@ -547,11 +558,11 @@ def estimate(recipe_path: str | Path, gpu: str = "h100", gpus: int = 1, mfu: flo
     counts: dict[str, Any] = {}
 
     if stage == "sft":
-        epochs, e_key = _get(recipe, ["epochs", "num_epochs", "num_train_epochs"])
+        epochs, _ = _get(recipe, ["epochs", "num_epochs", "num_train_epochs"])
         if epochs is None:
             epochs = 1
             assumptions.append("1 epoch (the recipe names none)")
-        t_value, t_key = _get(recipe, ["estimate.tokens", "data_tokens", "train_tokens"])
+        t_value, _ = _get(recipe, ["estimate.tokens", "data_tokens", "train_tokens"])
         if tokens is None and t_value is None:
             raise UserError(f"{path}: no token count of the training data; pass --tokens N (tokens in one epoch)")
         per_epoch = float(tokens if tokens is not None else t_value)
@@ -635,9 +646,10 @@ def estimate(recipe_path: str | Path, gpu: str = "h100", gpus: int = 1, mfu: flo
     t.add_row("peak per GPU", f"{dev['peak_bf16_tflops']} TFLOP/s bf16 dense ({dev.get('peak_source')})")
     t.add_row("wall time", _hours(wall))
     t.add_row("GPU-hours", f"{gpu_hours:,.2f}")
-    t.add_row("cost", f"{_money(result['cost_usd'])} at ${rate}/GPU-hour ({dev.get('date')}; {dev.get('source')})")
+    t.add_row("cost", f"{_money(result['cost_usd'])} at ${rate}/GPU-hour (price of {dev.get('date')})")
     con = Console()
     con.print(t)
+    con.print(f"Price source: {dev.get('source')}")
     con.print("Assumptions:")
     for a in result["assumptions"]:
         con.print(f"  - {a}")

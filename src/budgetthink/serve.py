@@ -354,10 +354,8 @@ class Batcher:
 # --- the app --------------------------------------------------------------------------------------------
 def context_length(engine) -> int:
     """Most positions the model takes (prompt + completion)."""
-    for obj in (engine, getattr(engine, "model", None)):
-        for name in ("max_model_len", "context_length"):
-            if isinstance(getattr(obj, name, None), int):
-                return getattr(obj, name)
+    if isinstance(getattr(engine, "context", None), int):  # the torch engine's
+        return engine.context
     config = getattr(getattr(engine, "model", None), "config", None)
     if config is not None and getattr(config, "max_position_embeddings", None):
         return int(config.max_position_embeddings)
@@ -365,7 +363,8 @@ def context_length(engine) -> int:
 
 
 def count_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Prompt tokens as the engine encodes them (the tokenizer's defaults)."""
+    return len(tokenizer.encode(text))
 
 
 def finish_reason(c: Completion) -> str:

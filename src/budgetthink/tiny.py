@@ -71,14 +71,3 @@ PRESETS = {
 }
 
 
-def init_model(preset: str | Preset, seed: int = 0):
-    """(model, tokenizer): a randomly initialised Qwen2ForCausalLM of the preset's shape and the char tokenizer."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    p = PRESETS[preset] if isinstance(preset, str) else preset
-    tokenizer = build_tokenizer()
-    config = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=1, rope_theta=10000.0, **p.model_dump())
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config), tokenizer

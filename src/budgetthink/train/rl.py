@@ -308,10 +308,10 @@ def generate(run: Run, problems: list, n: int, sampling: Sampling) -> list[Rollo
     prompts = [run.fmt.prompt(p.prompt) for p in problems]
     if hasattr(run.engine, "update_weights"):
         run.engine.update_weights(run.model)
+    prompt_ids = [run.tokenizer.encode(p) for p in prompts]  # the engine and the loss see the same ids
     run.model.eval()
     with torch.no_grad():
-        comps = run.engine.generate(prompts, sampling, n=n, budget=cfg.budget, fmt=run.fmt)
-    prompt_ids = [run.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        comps = run.engine.generate(prompts, sampling, n=n, budget=cfg.budget, fmt=run.fmt, prompt_ids=prompt_ids)
     rollouts = []
     for c in comps:
         problem = problems[c.prompt_index]
@@ -426,7 +426,7 @@ def score_batch(run: Run, rows: list[Rollout], need_old: bool) -> dict:
         out["ref_logp"] = _pad_cat(ref, T)
     kl_tok = None
     if cfg.kl_coef > 0 and cfg.kl_in_reward:
-        kl_tok = L.kl_penalty(out["old_logp"], out["ref_logp"], "k1" if cfg.algorithm == "ppo" else cfg.kl_estimator)
+        kl_tok = L.kl_penalty(out["old_logp"], out["ref_logp"], cfg.kl_estimator)
         out["kl_reward"] = L.masked_mean(kl_tok, mask)
     rew = L.token_rewards(out["scores"], mask, kl_tok, run.kl.coef if kl_tok is not None else 0.0)  # [B, T]
     if cfg.algorithm == "ppo":
@@ -560,7 +560,7 @@ def rollout_metrics(generated: list[Rollout], n: int) -> dict:
             "accuracy": float(np.mean([r.score.correct for r in generated])),
             "format_rate": float(np.mean([r.score.formatted for r in generated])),
             "no_answer": float(np.mean([r.score.extracted is None for r in generated])),
-            "zero_spread_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
+            "zero_spread_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))) if n > 1 else None,
             "response_len_mean": float(np.mean(lengths)), "response_len_max": int(max(lengths)),
             "truncated": float(np.mean([r.truncated for r in generated])),
             "tokens_generated": int(sum(lengths))}

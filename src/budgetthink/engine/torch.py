@@ -1,0 +1,329 @@
+"""The torch generation engine: batched decoding with a per-row KV cache, for any transformers causal LM.
+
+    engine = TorchEngine("runs/tiny")                       # or TorchEngine(model, tokenizer)
+    outs = engine.generate(prompts, Sampling(temperature=1.0, max_tokens=256, seed=0), n=8,
+                           budget=Budget(max_thinking_tokens=64), fmt=get_format("tinyzero"))
+
+A hand-written decoding loop (no `model.generate`), built for RL and evaluation on a CPU or one GPU:
+
+- **Per-row KV cache.** `RowCache` preallocates [B, kv_heads, capacity, head_dim] keys and values per layer;
+  row b's tokens sit compactly at 0..len[b]-1. Each forward feeds every row k[b] new tokens in a [B, L]
+  block (L = max k, usually 1), left-padded so the logits we need are always at the last slot; row b writes
+  its tokens at len[b].. and its pads just after them (overwritten later, never attended to). Rows can
+  therefore grow unevenly: budget forcing inserts a string into one row (feed its ids), or removes a
+  delimiter the model wrote (lower len[b]), without touching the others and without re-encoding anything.
+  The attention mask [B, 1, L, T] and the position ids are per row; the positions are logical (the row's
+  own token index), so a row's output never depends on what else is in the batch.
+- **Attention** through a registered function ("budgetthink_rows") that folds grouped-query heads into the
+  query length instead of repeating keys and values (the standard sdpa path copies the whole cache per
+  layer and step when a mask is given). It is exact scaled-dot-product attention; models with sliding
+  windows, soft-capping or attention sinks are not supported by this engine.
+- **Shared prefill.** The n samples of a prompt share one prefill; the cache rows are then repeated.
+- **Finished rows** are dropped (index-select of cache and state) once an eighth of the batch is done.
+- **Sampling**: greedy (temperature 0), temperature, top-k, top-p, seeded with a torch.Generator. The
+  log-probability of each sampled token is taken under the distribution actually sampled from (after
+  temperature, top-k and top-p); under greedy it is the plain log-softmax of the logits. Inserted tokens
+  get log-prob 0 and `sampled=False`.
+- **Budget forcing** rules live in budget.py (`Forcing`); see its docstring for the exact semantics.
+
+Numerics: a row's tokens are computed with the same weights and positions whatever the batch, but batched
+matrix products may round differently from a single-row forward, so greedy ties can in principle break
+differently in low precision; the exactness tests run in float64.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+
+from budgetthink.budget import STOPPED_BY, Forcing, decode
+from budgetthink.engine import Budget, Completion, Sampling
+from budgetthink.errors import UserError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+ATTENTION = "budgetthink_rows"
+
+
+def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Scaled-dot-product attention with a [B, 1, L, T] bool mask, grouped-query heads folded into the queries.
+
+    query [B, H, L, D], key/value [B, Hkv, T, D] -> ([B, L, H, D], None)
+    """
+    B, H, L, D = query.shape
+    Hkv, T = key.shape[1], key.shape[2]
+    G = H // Hkv  # query heads per key/value head (head h uses kv head h // G)
+    q = query.reshape(B, Hkv, G * L, D)
+    mask = attention_mask
+    if G > 1:
+        mask = mask[:, :, None].expand(B, 1, G, L, T).reshape(B, 1, G * L, T)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)  # [B, Hkv, G*L, Dv]
+    return out.reshape(B, H, L, -1).transpose(1, 2), None
+
+
+AttentionInterface.register(ATTENTION, row_attention)
+
+
+class RowCache(Cache):
+    """Keys and values per layer in preallocated [B, Hkv, cap, D] buffers; each row written at its own positions.
+
+    Before each forward the engine sets `pos` [B, L] (where each fed slot is written) and `used` (how many
+    positions the attention reads: the longest row plus L).
+    """
+
+    def __init__(self, cap: int):
+        super().__init__(layers=[])
+        self.cap, self.keys, self.values = cap, [], []
+        self.pos: torch.Tensor | None = None  # [B, L]
+        self.used = 0
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        # key_states [B, Hkv, L, D]
+        if layer_idx == len(self.keys):
+            B, Hkv, _, D = key_states.shape
+            self.keys.append(key_states.new_zeros(B, Hkv, self.cap, D))
+            self.values.append(value_states.new_zeros(B, Hkv, self.cap, value_states.shape[-1]))
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
+        k[rows, :, self.pos] = key_states.transpose(1, 2)  # [B, L, Hkv, D] into the rows' slots
+        v[rows, :, self.pos] = value_states.transpose(1, 2)
+        return k[:, :, : self.used], v[:, :, : self.used]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.used
+
+    def reserve(self, need: int) -> None:
+        """Make room for `need` positions (doubling the capacity)."""
+        if need <= self.cap:
+            return
+        new = max(need, 2 * self.cap)
+        for buf in (self.keys, self.values):
+            for i, t in enumerate(buf):
+                buf[i] = torch.cat([t, t.new_zeros(*t.shape[:2], new - t.shape[2], t.shape[3])], dim=2)
+        self.cap = new
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep (or repeat) rows `idx`."""
+        for buf in (self.keys, self.values):
+            for i, t in enumerate(buf):
+                buf[i] = t.index_select(0, idx)
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None):
+    """logits [B, V] (float32 or float64) -> (tokens [B], log-probs [B] under the distribution sampled from)."""
+    if sampling.temperature == 0:
+        x = logits.argmax(-1)
+        return x, logits.log_softmax(-1).gather(-1, x[:, None])[:, 0]
+    logits = logits / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        beyond = probs.cumsum(-1) - probs > sampling.top_p  # mass before this token already exceeds top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(beyond, float("-inf")))
+    logp = logits.log_softmax(-1)  # [B, V]
+    race = torch.empty_like(logp).exponential_(generator=generator)  # argmax p/E with E ~ Exp(1) samples p
+    x = (logp - race.log()).argmax(-1)
+    return x, logp.gather(-1, x[:, None])[:, 0]
+
+
+class TorchEngine:
+    """Generation with a hand-written batched decoding loop (see the module docstring)."""
+
+    def __init__(self, model_or_path, tokenizer=None, device=None, dtype=None, max_batch: int = 512,
+                 eos_token_ids: list[int] | None = None):
+        """`model_or_path`: a model directory, a loaded causal LM (with `tokenizer`), or a (model, tokenizer) pair.
+
+        device/dtype apply when loading from a directory (default: cuda if available, float32); a loaded model
+        is used where and as it is. max_batch bounds the rows decoded together (prompts x n). eos_token_ids
+        overrides the end-of-text ids (default: the tokenizer's and the model's; [] never stops on one).
+        """
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
+        if isinstance(model_or_path, tuple):
+            model_or_path, tokenizer = model_or_path
+        if isinstance(model_or_path, (str, Path)):
+            path = Path(model_or_path)
+            if not (path / "config.json").is_file():
+                raise UserError(f"model directory {path} not found (no config.json); "
+                                "build one with `budgetthink tiny --out DIR` or pass an existing model directory")
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
+            model.to(device)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
+        else:
+            model = model_or_path
+            if tokenizer is None:
+                raise UserError("TorchEngine needs a tokenizer with a loaded model: TorchEngine(model, tokenizer)")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = next(model.parameters()).device
+        self.max_batch = max_batch
+        config = model.config
+        self.context = getattr(config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length",
+                                                                                   None) or 1 << 30
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        if eos_token_ids is None:
+            eos_token_ids = []
+            for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
+                           config.eos_token_id):
+                eos_token_ids += source if isinstance(source, list) else [] if source is None else [source]
+        self.eos = sorted(set(eos_token_ids))
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or [0])[0]
+
+    # --- the public call ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], sampling: Sampling, n: int = 1, budget: Budget | None = None,
+                 fmt=None, prompt_ids: list[list[int]] | None = None) -> list[Completion]:
+        """len(prompts) * n Completions, prompt-major (all samples of prompt 0 first).
+
+        prompts are encoded with the tokenizer's defaults (special tokens as it adds them), unless prompt_ids
+        gives the ids directly. With a budget, the prompts should end with fmt's opening delimiter.
+        """
+        if n < 1:
+            raise UserError(f"n must be >= 1, got {n}")
+        if prompt_ids is None:
+            prompt_ids = [self.tokenizer.encode(p) for p in prompts]
+        if len(prompt_ids) != len(prompts):
+            raise UserError(f"got {len(prompts)} prompts but {len(prompt_ids)} prompt_ids")
+        for i, ids in enumerate(prompt_ids):
+            if not ids:
+                raise UserError(f"prompt {i} is empty; give at least one token")
+            if len(ids) >= self.context:
+                raise UserError(f"prompt {i} is {len(ids)} tokens but the model's context is {self.context} "
+                                "(max_position_embeddings); shorten the prompt")
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(sampling.seed)
+        results: list[Completion | None] = [None] * (len(prompt_ids) * n)
+        per = max(1, self.max_batch // n)
+        previous = self.model.config._attn_implementation
+        self.model.config._attn_implementation = ATTENTION
+        try:
+            for c in range(0, len(prompt_ids), per):
+                self._run(prompt_ids[c:c + per], c, n, sampling, budget, fmt, generator, results)
+        finally:
+            self.model.config._attn_implementation = previous
+        return results
+
+    # --- one batch ----------------------------------------------------------------------------------------------
+    def _forward(self, cache: RowCache, ids: torch.Tensor, k: torch.Tensor, cache_len: torch.Tensor):
+        """Feed ids [B, L] (row b's k[b] tokens left-padded) after cache_len [B] tokens -> last logits [B, V]."""
+        B, L = ids.shape
+        j = torch.arange(L, device=ids.device)
+        valid = j[None, :] >= (L - k)[:, None]  # [B, L]
+        pos = cache_len[:, None] + (j[None, :] + k[:, None]) % L  # [B, L]: valid slots in order, pads after them
+        cache.used = int(cache_len.max()) + L
+        cache.reserve(cache.used)
+        cache.pos = pos
+        t = torch.arange(cache.used, device=ids.device)
+        mask = torch.where(valid[..., None], t <= pos[..., None], t == pos[..., None])[:, None]  # [B, 1, L, T]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+    def _run(self, prompts: list[list[int]], first: int, n: int, sampling: Sampling, budget: Budget | None,
+             fmt, generator, results: list) -> None:
+        dev, P = self.device, len(prompts)
+        B = P * n
+        forcing = Forcing(self.tokenizer, fmt, budget, sampling, self.eos, rows=B, vocab=self.vocab, device=dev,
+                          context=self.context)
+        start = forcing.start_ids()
+        cap = sampling.max_tokens + len(start) + forcing.max_insert + 8
+        out_tok = torch.full((B, cap), self.pad, dtype=torch.long, device=dev)  # [B, cap] tokens after the prompt
+        out_lp = torch.zeros(B, cap, device=dev)  # [B, cap] log-probs (0 for inserted)
+        out_smp = torch.zeros(B, cap, dtype=torch.bool, device=dev)  # [B, cap] sampled?
+        out_tok[:, : len(start)] = torch.tensor(start, dtype=torch.long, device=dev)
+        out_len = torch.full((B,), len(start), dtype=torch.long, device=dev)
+
+        # prefill each prompt once (with the forced end when max_thinking_tokens is 0), then repeat rows n times
+        seqs = [p + start for p in prompts]
+        L = max(map(len, seqs))
+        ids = torch.full((P, L), self.pad, dtype=torch.long, device=dev)
+        for i, s in enumerate(seqs):
+            ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long, device=dev)
+        k = torch.tensor([len(s) for s in seqs], dtype=torch.long, device=dev)
+        cache = RowCache(cap=L + cap + 8)
+        logits = self._forward(cache, ids, k, torch.zeros(P, dtype=torch.long, device=dev))  # [P, V]
+        rep = torch.arange(P, device=dev).repeat_interleave(n)  # [B] prompt of each row
+        cache.select(rep)
+        logits, cache_len = logits[rep], k[rep]
+        plen = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)[rep]  # [B] prompt lengths
+        last_prompt = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=dev)[rep]  # [B]
+        row_id = first * n + torch.arange(B, device=dev)  # [B] index of each row in `results`
+
+        while True:
+            B = len(row_id)
+            rows = torch.arange(B, device=dev)
+            x, lp = sample(logits, sampling, generator)
+            if int(out_len.max()) + 1 + forcing.max_insert > out_tok.shape[1]:  # room for this step's writes
+                grow = out_tok.shape[1]
+                out_tok = torch.cat([out_tok, out_tok.new_full((B, grow), self.pad)], 1)
+                out_lp = torch.cat([out_lp, out_lp.new_zeros(B, grow)], 1)
+                out_smp = torch.cat([out_smp, out_smp.new_zeros(B, grow)], 1)
+            live = forcing.live
+            out_tok[rows, out_len], out_lp[rows, out_len], out_smp[rows, out_len] = x, lp.float(), True
+            out_len += live
+            edits = forcing.advance(x, out_tok, out_len, plen)
+            for r, (drop, ins) in edits.items():
+                at = int(out_len[r]) - drop
+                m = len(ins)
+                out_tok[r, at:at + m] = torch.tensor(ins, dtype=torch.long, device=dev)
+                out_lp[r, at:at + m], out_smp[r, at:at + m] = 0.0, False
+                out_len[r] = at + m
+
+            # what each live row feeds next: the tokens of prompt + output not yet in its cache
+            live = forcing.live
+            seq_len = plen + out_len
+            cache_len = torch.minimum(cache_len, seq_len)  # a removed delimiter leaves the cache
+            refeed = live & (cache_len == seq_len)  # nothing new (an empty insertion): recompute the last token
+            cache_len = cache_len - refeed.long()
+            k = torch.where(live, seq_len - cache_len, 0)
+
+            done = int((~live).sum())
+            if done == B:
+                self._collect(rows, row_id, out_tok, out_lp, out_smp, out_len, forcing, fmt, n, results)
+                return
+            if done >= max(1, B // 8):  # drop finished rows so they stop costing compute
+                self._collect((~live).nonzero().flatten(), row_id, out_tok, out_lp, out_smp, out_len, forcing, fmt,
+                              n, results)
+                keep = live.nonzero().flatten()
+                cache.select(keep)
+                forcing.select(keep)
+                out_tok, out_lp, out_smp, out_len = out_tok[keep], out_lp[keep], out_smp[keep], out_len[keep]
+                plen, last_prompt, row_id, cache_len, k = plen[keep], last_prompt[keep], row_id[keep], \
+                    cache_len[keep], k[keep]
+            L = int(k.max())
+            j = torch.arange(L, device=dev)
+            src = cache_len[:, None] + j[None, :] - (L - k)[:, None] - plen[:, None]  # [B, L] output index per slot
+            ids = out_tok.gather(1, src.clamp(min=0))
+            ids = torch.where(src < 0, last_prompt[:, None], ids)  # re-feeding the prompt's last token
+            ids = torch.where(j[None, :] >= (L - k)[:, None], ids, self.pad)
+            logits = self._forward(cache, ids, k, cache_len)
+            cache_len = cache_len + k
+
+    def _collect(self, idx: torch.Tensor, row_id, out_tok, out_lp, out_smp, out_len, forcing: Forcing, fmt, n: int,
+                 results: list) -> None:
+        """Turn finished rows `idx` into Completions in `results`."""
+        eos = set(self.eos)
+        for r in idx.tolist():
+            m = int(out_len[r])
+            ids = out_tok[r, :m].tolist()
+            text = decode(self.tokenizer, ids[:-1] if ids and ids[-1] in eos else ids)
+            thinking, answer = fmt.split(text) if fmt is not None else ("", text)
+            i = int(row_id[r])
+            results[i] = Completion(
+                prompt_index=i // n, text=text, thinking=thinking, answer=answer, token_ids=ids,
+                logprobs=out_lp[r, :m].tolist(), sampled=out_smp[r, :m].tolist(),
+                finish_reason=forcing.finish_reason(r), thinking_tokens=int(forcing.think_n[r]),
+                answer_tokens=int(forcing.answer_n[r]), extensions=int(forcing.ext_n[r]),
+                meta={"stopped_by": STOPPED_BY.get(int(forcing.stopped_by[r]), "live"), "forced": bool(forcing.forced[r]),
+                      "sampled_tokens": int(forcing.sampled_n[r]), "closes_removed": int(forcing.removed_n[r])})

@@ -1,0 +1,279 @@
+"""The RL loop: metrics, masks, log-prob alignment with the engine, resume after SIGKILL, the NaN guard.
+
+Runs use the `test` tiny model with a few prompts and short completions. A random or barely trained model
+never writes an answer tag, so most tests score completions with a stand-in reward (the share of digits in
+the text) that varies within groups, so that advantages, losses and gradients are not all zero.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from budgetthink.config import load_config
+from budgetthink.engine import Budget, Completion, Sampling
+from budgetthink.errors import UserError
+from budgetthink.tasks import Score
+from budgetthink.train import losses as L
+from budgetthink.train import rl
+from budgetthink.train.common import NonFiniteError, latest_checkpoint, list_checkpoints, load_state
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMING = {"generate_s", "train_s", "step_s"}
+BASE = ["prompts_per_step=2", "n=4", "max_response_tokens=12", "train_size=40", "eval_size=4",
+        "eval_every=0", "micro_batch_size=4", "optim.lr=1e-3"]
+
+
+def digit_reward(self, problem, completion):
+    """Stand-in verifier: the share of digits in the completion (varies within every group)."""
+    share = sum(c.isdigit() for c in completion) / max(len(completion), 1)
+    return Score(reward=share, correct=share > 0.2, formatted=True, extracted=completion[:4])
+
+
+def score_with(reward_fn):
+    """Patch rl._data so that the training task scores with `reward_fn` (problem generation is untouched)."""
+    real = rl._data
+
+    def data(cfg):
+        task, train, held = real(cfg)
+        task.score = reward_fn.__get__(task)
+        return task, train, held
+
+    rl._data = data
+    return real
+
+
+@pytest.fixture
+def digit_scored():
+    real = score_with(digit_reward)
+    yield
+    rl._data = real
+
+
+def config(model_dir, *overrides):
+    return load_config(rl.RLConfig, None, [f"model={model_dir}", *BASE, *overrides])
+
+
+def strip(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+# --- configuration ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*countdown*.yaml")), ids=lambda p: p.name)
+def test_recipes_load_and_validate(recipe):
+    cfg = load_config(rl.RLConfig, recipe)
+    assert cfg.task == "countdown" and cfg.algorithm in rl.ALGORITHMS
+
+
+def test_tinyzero_recipe_has_the_published_hyperparameters():
+    cfg = load_config(rl.RLConfig, ROOT / "recipes" / "tinyzero-countdown-qwen2.5-3b.yaml")
+    assert (cfg.algorithm, cfg.n, cfg.gamma, cfg.lam, cfg.temperature) == ("ppo", 1, 1.0, 1.0, 1.0)
+    assert (cfg.prompts_per_step, cfg.mini_batch_size, cfg.micro_batch_size) == (256, 64, 8)
+    assert (cfg.max_response_tokens, cfg.optim.lr, cfg.critic.optim.lr) == (1024, 1e-6, 1e-5)
+    assert (cfg.kl_coef, cfg.kl_in_reward, cfg.kl_estimator, cfg.entropy_coef) == (0.001, True, "k1", 0.001)
+    assert (cfg.clip_low, cfg.clip_high, cfg.ppo_epochs, cfg.eval_every, cfg.save_every) == (0.2, 0.2, 1, 100, 100)
+
+
+def test_bad_config_is_one_line_user_error(tiny_model_dir):
+    with pytest.raises(UserError, match="did you mean clip_high"):
+        config(tiny_model_dir, "clip_hihg=0.3")
+    with pytest.raises(UserError, match="rloo needs n >= 2"):
+        config(tiny_model_dir, "algorithm=rloo", "n=1")
+
+
+# --- masks and alignment ------------------------------------------------------------------------------------------
+def fake_rollout(prompt_ids, token_ids, sampled, truncated=False, reward=0.0):
+    comp = Completion(prompt_index=0, text="", thinking="", answer="", token_ids=token_ids,
+                      logprobs=[0.0] * len(token_ids), sampled=sampled, finish_reason="length" if truncated else "stop")
+    return rl.Rollout(None, prompt_ids, comp, Score(reward, False, False, None), reward, truncated)
+
+
+def test_collate_masks_inserted_tokens_padding_and_truncated_rows():
+    rows = [fake_rollout([5, 6, 7], [10, 11, 12, 13], [True, False, False, True]),
+            fake_rollout([5], [20, 21], [True, True]),
+            fake_rollout([8, 9], [30, 31, 32], [True, True, True], truncated=True)]
+    b = rl.collate(rows, pad_id=0, truncated_mode="keep", device="cpu")
+    assert b["ids"].tolist() == [[5, 6, 7, 10, 11, 12, 13], [0, 0, 5, 20, 21, 0, 0], [0, 8, 9, 30, 31, 32, 0]]
+    assert b["resp"].tolist() == [[10, 11, 12, 13], [20, 21, 0, 0], [30, 31, 32, 0]]
+    assert b["mask"].tolist() == [[1, 0, 0, 1], [1, 1, 0, 0], [1, 1, 1, 0]]
+    assert b["pos"][1].tolist()[2:5] == [0, 1, 2]  # left padding does not shift positions
+    masked = rl.collate(rows, pad_id=0, truncated_mode="mask", device="cpu")
+    assert masked["mask"][2].tolist() == [0, 0, 0, 0]
+
+
+def test_inserted_tokens_get_no_policy_gradient(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [fake_rollout([5, 6, 7], [10, 11, 12, 13, 14], [True, False, False, True, True])] * 2
+    batch = rl.collate(rows, 0, "keep", "cpu")
+    logp, _ = rl.policy_forward(model, batch, 1.0, entropy=False, dtype="float32")
+    logp.retain_grad()
+    loss, _ = L.policy_loss(logp, logp.detach(), torch.ones_like(logp))
+    L.aggregate(loss, batch["mask"], "token-mean").backward()
+    assert (logp.grad[:, 1:3] == 0).all()  # the two inserted tokens
+    assert (logp.grad[:, [0, 3, 4]] != 0).all()
+
+
+def test_recomputed_logprobs_match_the_engine_with_budget_forcing(tiny_model_dir):
+    """The training forward must score exactly the tokens the engine sampled, at the same positions, also
+    when budget forcing inserted tokens in the middle of a completion."""
+    from budgetthink.engine import load_engine
+    from budgetthink.formats import get_format
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    fmt = get_format("tinyzero")
+    prompts = [fmt.prompt("3 5 7 -> 22\n"), fmt.prompt("10 2 -> 5\n")]
+    ids = [tok.encode(p) for p in prompts]
+    engine = load_engine(model, "torch", tokenizer=tok)
+    comps = engine.generate(prompts, Sampling(temperature=1.0, max_tokens=20, seed=3), n=3,
+                            budget=Budget(max_thinking_tokens=4, max_answer_tokens=8), fmt=fmt, prompt_ids=ids)
+    assert any(not all(c.sampled) for c in comps)  # the forced end of thinking was inserted
+    rows = [fake_rollout(ids[c.prompt_index], c.token_ids, c.sampled) for c in comps]
+    batch = rl.collate(rows, tok.pad_token_id, "keep", "cpu")
+    with torch.no_grad():
+        logp, _ = rl.policy_forward(model, batch, 1.0, entropy=False, dtype="float32")
+    for i, c in enumerate(comps):
+        for t, (lp, s) in enumerate(zip(c.logprobs, c.sampled)):
+            if s:
+                assert logp[i, t].item() == pytest.approx(lp, abs=1e-4)
+
+
+# --- runs -------------------------------------------------------------------------------------------------------
+FIELDS = {"step", "reward_mean", "reward_std", "accuracy", "format_rate", "zero_spread_groups",
+          "response_len_mean", "response_len_max", "truncated", "no_answer", "kl", "entropy", "loss", "grad_norm",
+          "lr", "tokens_generated", "generate_s", "train_s", "step_s"}
+
+
+def test_grpo_run_writes_metrics_eval_checkpoints_and_plot(tiny_model_dir, tmp_path, digit_scored):
+    cfg = config(tiny_model_dir, "max_steps=3", "eval_every=2", "save_every=2", "kl_coef=0.01")
+    records = rl.train(cfg, tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == records and [r["step"] for r in lines] == [1, 2, 3]
+    for r in lines:
+        assert FIELDS <= set(r), FIELDS - set(r)
+        assert r["tokens_generated"] > 0 and 0 < r["response_len_mean"] <= 12 and r["response_len_max"] <= 12
+        assert r["grad_norm"] > 0 and r["kl"] is not None and r["kl"] >= 0
+    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
+    assert lines[2]["kl"] > 0
+    assert "eval_accuracy" in lines[1] and "eval_accuracy" in lines[2] and "eval_accuracy" not in lines[0]
+    evals = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 3] and all(e["n"] == 4 for e in evals)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    assert load_state(latest_checkpoint(tmp_path))["data_pos"] == 6
+    assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "metrics.png").stat().st_size > 0
+    with pytest.raises(UserError, match="--resume"):
+        rl.train(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algorithm=dr_grpo", "loss_agg=seq-mean-token-sum-norm"],
+    ["algorithm=rloo", "loss_agg=seq-mean-token-mean", "ppo_epochs=2", "mini_batch_size=4", "dual_clip=3"],
+    ["algorithm=reinforce_pp", "gamma=0.99", "kl_coef=0.01", "kl_in_reward=true", "kl_estimator=k1"],
+    ["algorithm=grpo", "truncated=soft", "overlong_cache=4", "entropy_coef=0.01", "clip_high=0.28"],
+    ["algorithm=grpo", "dynamic_sampling=true", "max_refills=2"],
+], ids=["dr_grpo", "rloo", "reinforce_pp", "soft", "dynamic"])
+def test_each_estimator_runs_a_step(tiny_model_dir, tmp_path, digit_scored, overrides):
+    (r,) = rl.train(config(tiny_model_dir, "max_steps=1", *overrides), tmp_path)
+    assert r["loss"] is not None and r["grad_norm"] is not None and r["grad_norm"] > 0
+
+
+def test_ppo_run_logs_critic_metrics(tiny_model_dir, tmp_path, digit_scored):
+    cfg = config(tiny_model_dir, "algorithm=ppo", "n=1", "prompts_per_step=6", "max_steps=2", "kl_coef=0.01",
+                 "kl_in_reward=true", "kl_estimator=k1", "kl_target=0.1", "critic.warmup_steps=1",
+                 "mini_batch_size=3")
+    r1, r2 = rl.train(cfg, tmp_path)
+    for r in (r1, r2):
+        assert {"value_loss", "explained_var", "value_mean", "adv_mean", "return_mean", "kl_coef"} <= set(r)
+    assert r1["loss"] is None and r2["loss"] is not None  # step 1 trains only the critic
+    assert r1["value_mean"] == 0.0  # the value head starts at zero
+    assert r2["kl_coef"] != 0.01  # adaptive KL moved the coefficient
+    assert (list_checkpoints(tmp_path)[-1] / "critic" / "value_head.safetensors").exists()
+
+
+def test_dynamic_sampling_drops_zero_spread_groups(tiny_model_dir, tmp_path):
+    def odd_target_reward(self, problem, completion):  # the same reward for every sample of an odd target
+        r = 1.0 if problem.answer["target"] % 2 else float(len(completion) % 2)
+        return Score(r, False, True, "x")
+
+    real = score_with(odd_target_reward)
+    try:
+        records = rl.train(config(tiny_model_dir, "max_steps=2", "dynamic_sampling=true", "max_refills=3",
+                                  "prompts_per_step=3"), tmp_path)
+    finally:
+        rl._data = real
+    for r in records:
+        assert r["groups_trained"] <= 3
+        assert r["zero_spread_groups"] > 0 or r["groups_trained"] == 3
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, digit_scored,
+                                                                       monkeypatch):
+    calls = {"n": 0}
+    real = L.policy_loss
+
+    def poisoned(*a, **k):  # one actor micro-batch per step: the third call is step 3
+        calls["n"] += 1
+        loss, clipped = real(*a, **k)
+        return (loss * float("nan"), clipped) if calls["n"] == 3 else (loss, clipped)
+
+    monkeypatch.setattr(L, "policy_loss", poisoned)
+    cfg = config(tiny_model_dir, "max_steps=5", "save_every=1", "micro_batch_size=8")
+    with pytest.raises(NonFiniteError, match=r"step 3: loss=nan.*step_00000002 is intact"):
+        rl.train(cfg, tmp_path)
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+    assert load_state(latest_checkpoint(tmp_path))["step"] == 2
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# --- resume after SIGKILL ------------------------------------------------------------------------------------------
+DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_rl import digit_reward, score_with
+score_with(digit_reward)
+from budgetthink.train.rl import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, digit_scored, algo):
+    extra = ["max_steps=7", "save_every=3", "eval_every=3"]
+    if algo == "ppo":
+        extra += ["algorithm=ppo", "n=1", "prompts_per_step=6", "mini_batch_size=3", "kl_coef=0.01",
+                  "kl_in_reward=true", "kl_estimator=k1", "kl_target=0.1"]
+    else:
+        extra += ["ppo_epochs=2", "mini_batch_size=4", "kl_coef=0.01", "optim.schedule=cosine",
+                  "optim.warmup_steps=2"]
+    overrides = [f"model={tiny_model_dir}", *BASE, *extra]
+    whole = strip(rl.train(load_config(rl.RLConfig, None, overrides), tmp_path / "whole"))
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER.format(tests=str(ROOT / "tests")), "--config", "/dev/null",
+                             "--out", str(killed), *overrides], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while latest_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    ckpt = latest_checkpoint(killed)
+    assert ckpt is not None and ckpt.name == "step_00000003"
+    assert not (killed / "model").exists()  # it really was killed before the end
+
+    resumed = strip(rl.train(load_config(rl.RLConfig, None, overrides), killed, resume=True))
+    assert [r["step"] for r in resumed] == list(range(1, 8))
+    assert resumed == whole
+    evals = lambda d: [json.loads(x) for x in (d / "eval.jsonl").read_text().splitlines()]  # noqa: E731
+    assert evals(killed) == evals(tmp_path / "whole")
