@@ -5,8 +5,8 @@ every token it runs the model over the whole id sequence with no cache; an inser
 own (no special tokens) and its ids appended; a model-written end of thinking is cut off the id list.
 
 The model is the random `test` preset tiny Qwen2 (float64, so rounding cannot break greedy ties) with two
-deterministic changes so that it ends its thinking now and then: its logits are scaled up (final norm x15),
-and a position-dependent bias nudges it, every `period` positions, to write the format's closing delimiter
+deterministic changes so that it ends its thinking now and then: its output layer is untied and replaced by
+large random weights (confident, varied logits), and a position-dependent bias nudges it, every `period` positions, to write the format's closing delimiter
 (token by token; for r1 the characters of `</think>` one by one, not the single added token) and, a few
 positions later, end-of-text. The bias is a function of the token's position only, so the engine (which
 passes position ids) and the naive forward (positions 0..T-1) see the same model. It is strong enough to be
@@ -40,12 +40,13 @@ class Nudged(Qwen2ForCausalLM):
         return out
 
 
-def nudged_model(fmt_name: str, strength: float = 6.0):
+def nudged_model(fmt_name: str, strength: float = 14.0, eos_strength: float = 8.0):
     base, tok = init_model("test", seed=0)
+    base.config.tie_word_embeddings = False
     model = Nudged(base.config)
     model.load_state_dict(base.state_dict())
-    with torch.no_grad():
-        model.model.norm.weight.mul_(15.0)
+    with torch.no_grad():  # an untied output layer with large random weights: varied, confident logits
+        model.lm_head.weight.copy_(0.35 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)))
     if fmt_name == "r1":  # the characters of "</think>", each its own token
         script = [tok.convert_tokens_to_ids(c) for c in "</think>"]
     else:
@@ -54,7 +55,7 @@ def nudged_model(fmt_name: str, strength: float = 6.0):
     nudge = torch.zeros(period, len(tok))
     for i, t in enumerate(script):
         nudge[i, t] = strength
-    nudge[len(script) + 4, tok.eos_token_id] = strength
+    nudge[len(script) + 4, tok.eos_token_id] = eos_strength
     model.register_buffer("nudge", nudge)
     return model.double().eval(), tok
 

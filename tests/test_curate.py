@@ -169,26 +169,39 @@ def test_clusters_and_bad_options(tmp_path):
 
 
 # ---- difficulty: a model that really solves some problems ------------------------------------------------
-def _memorize(model_dir, texts: list[str], out, steps: int = 200):
-    """A copy of the tiny model trained until it reproduces `texts` (so greedy decoding solves those problems)."""
+def _memorize(model_dir, prompts: list[str], targets: list[str], out, steps: int = 120) -> float:
+    """A copy of the tiny model trained on prompt -> target until greedy decoding reproduces the targets.
+    Returns the last loss (over target tokens only)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    torch.manual_seed(0)
-    batch = tok([t + tok.eos_token for t in texts], padding=True, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # [B, T]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    seqs = [tok(p + t + tok.eos_token, add_special_tokens=False)["input_ids"] for p, t in zip(prompts, targets)]
+    starts = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    T = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)  # [B, T]
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)  # [B, T]
+    labels = torch.full((len(seqs), T), -100)  # [B, T]: loss on the target tokens only
+    for i, (s, k) in enumerate(zip(seqs, starts)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+        labels[i, k:len(s)] = torch.tensor(s[k:])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model: more threads only contend
+    try:
+        torch.manual_seed(0)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(steps):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    return float(loss)
+    return loss.item()
 
 
 def test_difficulty_drops_what_a_model_solves(tmp_path, tiny_model_dir):
@@ -200,9 +213,9 @@ def test_difficulty_drops_what_a_model_solves(tmp_path, tiny_model_dir):
     learnt = problems[:3]
     numbers = {tuple(sorted(p.answer["numbers"])) for p in learnt}
     others = [p for p in problems[3:] if tuple(sorted(p.answer["numbers"])) not in numbers][:5]
-    texts = [fmt.prompt(p.prompt) + fmt.completion("", task.solve(p).answer) for p in learnt]
     solver_model = tmp_path / "solves-three"
-    loss = _memorize(tiny_model_dir, texts, solver_model)
+    loss = _memorize(tiny_model_dir, [fmt.prompt(p.prompt) for p in learnt],
+                     [fmt.completion("", task.solve(p).answer) for p in learnt], solver_model)
     assert loss < 0.05, f"the tiny model did not learn its three answers (loss {loss})"
     traces = tmp_path / "traces.jsonl"
     distill("countdown", "solver", None, traces, problems_path=_problems_file(tmp_path, learnt + others))

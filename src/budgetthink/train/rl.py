@@ -488,7 +488,8 @@ def update(run: Run, rows: list[Rollout], step: int) -> dict:
                 gn = clip_grad(run.critic.parameters(), cfg.critic.optim.grad_clip)
                 check_finite(step, run.last_ckpt, critic_grad_norm=gn)
                 run.critic_opt.step()
-    run.scheduler.step()
+    if train_actor:
+        run.scheduler.step()
     if run.critic is not None:
         run.critic_sched.step()
     result = {k: float(np.mean(v)) for k, v in stats.items()}

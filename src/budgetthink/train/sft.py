@@ -109,6 +109,7 @@ class SFTConfig(Config):
                                                  "(metrics.jsonl gets every step)")
     save_every: int = Field(100, ge=1, description="checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
+    stage: Literal["sft"] = Field("sft", description="the recipe's kind, for `budgetthink estimate`; always sft")
     train_tokens: float | None = Field(None, gt=0, description="tokens in one epoch of the data; read only by "
                                                                "`budgetthink estimate` (s1K: 4.7M), ignored here")
 
