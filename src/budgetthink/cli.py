@@ -82,9 +82,42 @@ def _budget(max_thinking_tokens, min_thinking_tokens, extensions, extension_stri
 def tiny(out: Out, preset: Annotated[str, typer.Option(help="test (< 1M params, seconds) or small (the demo's model).")] = "small",
          seed: Seed = 0):
     """Build and pretrain the tiny default model."""
-    from budgetthink.tiny import build
+    from budgetthink import tiny as tiny_model
 
-    build(out, preset=preset, seed=seed)
+    if preset not in tiny_model.PRESETS:
+        raise UserError(f"unknown preset {preset!r}; use {' or '.join(tiny_model.PRESETS)}")
+    report = tiny_model.build(out, preset=preset, seed=seed)
+    print(tiny_model.summary(report))
+
+
+Config = Annotated[Optional[Path], typer.Option("--config", help="Recipe YAML (see recipes/).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")]
+
+
+@app.command()
+def rl(out: Out, config: Config = None, resume: Resume = False, overrides: Overrides = None):
+    """R1-Zero-style RL from a base model: the GRPO family and PPO, with verifiable rewards."""
+    from budgetthink.config import load_config
+    from budgetthink.train.rl import RLConfig, train
+
+    train(load_config(RLConfig, config, overrides), out, resume)
+
+
+@app.command()
+def sft(out: Out, config: Config = None,
+        model: Annotated[Optional[str], typer.Option(help="Model directory to fine-tune (overrides the recipe).")] = None,
+        data: Annotated[Optional[Path], typer.Option(help="JSONL of traces (overrides the recipe).")] = None,
+        resume: Resume = False, overrides: Overrides = None):
+    """Distillation fine-tuning (s1): loss on thinking and answer tokens only."""
+    import os
+
+    from budgetthink.config import load_config
+    from budgetthink.train.sft import SFTConfig, train
+
+    flags = {k: str(v) for k, v in (("model", model), ("data", data)) if v is not None}
+    summary = train(load_config(SFTConfig, config, overrides, defaults=flags), out, resume)
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch, one process prints the result
+        _print_json(summary)
 
 
 @data_app.command("generate")
@@ -105,6 +138,89 @@ def data_score(task: TaskOpt, inp: Annotated[Path, typer.Option("--in", help="JS
     from budgetthink.data import problems
 
     _print_json(problems.score(task, inp, out, skip_bad, _options(options)))
+
+
+@app.command()
+def distill(task: TaskOpt, teacher: Annotated[str, typer.Option(help="solver, model:PATH or openai:BASE_URL.")],
+            out: Out, n: Annotated[Optional[int], typer.Option(help="Number of problems.")] = None, seed: Seed = 0,
+            problems: Annotated[Optional[Path], typer.Option(help="JSONL of problems instead of generating them.")] = None,
+            model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model name for an openai teacher.")] = None,
+            concurrency: Annotated[int, typer.Option(help="Requests in flight (openai teacher).")] = 8,
+            api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+            price_in: Annotated[Optional[float], typer.Option(help="$ per million prompt tokens.")] = None,
+            price_out: Annotated[Optional[float], typer.Option(help="$ per million completion tokens.")] = None,
+            temperature: Annotated[float, typer.Option(help="Sampling temperature (model teachers).")] = 0.0,
+            max_tokens: Annotated[int, typer.Option(help="Cap on sampled tokens per trace.")] = 1024,
+            format: Format = "tinyzero",
+            max_thinking_tokens: MaxThink = None, min_thinking_tokens: MinThink = 0, extensions: Extensions = 0,
+            extension_string: ExtString = "Wait", answer_prefix: AnsPrefix = "", max_answer_tokens: MaxAnswer = 64,
+            options: TaskOptions = None):
+    """Reasoning traces from a teacher (the task's solver, a local model, or any OpenAI-compatible API)."""
+    from budgetthink.data.distill import distill as run
+    from budgetthink.engine import Sampling
+
+    budget = _budget(max_thinking_tokens, min_thinking_tokens, extensions, extension_string, answer_prefix,
+                     max_answer_tokens)
+    _print_json(run(task, teacher, n, out, seed=seed, budget=budget,
+                    sampling=Sampling(temperature=temperature, max_tokens=max_tokens), model_name=model_name,
+                    concurrency=concurrency, api_key_env=api_key_env, price_in=price_in, price_out=price_out,
+                    fmt=format, task_options=_options(options), problems_path=problems))
+
+
+@app.command()
+def curate(inp: Annotated[Path, typer.Option("--in", help="Traces JSONL (from distill).")], out: Out,
+           n: Annotated[Optional[int], typer.Option(help="How many to select (s1: 1000).")] = 1000, seed: Seed = 0,
+           require_correct: Annotated[bool, typer.Option(help="Drop traces whose answer is wrong.")] = False,
+           max_chars: Annotated[Optional[int], typer.Option(help="Drop traces longer than this.")] = None,
+           difficulty_models: Annotated[Optional[str], typer.Option(help="Comma-separated models; drop what any solves.")] = None,
+           domain_field: Annotated[Optional[str], typer.Option(help="Record field holding the domain.")] = None,
+           clusters: Annotated[Optional[int], typer.Option(help="Cluster into K domains (TF-IDF + k-means).")] = None,
+           decontaminate: Annotated[Optional[list[Path]], typer.Option(help="Evaluation file to decontaminate against (repeatable).")] = None,
+           keep_field: Annotated[Optional[str], typer.Option(help="Record field marking problems to always keep.")] = None,
+           format: Format = "tinyzero"):
+    """s1K-style selection: quality, difficulty, diversity, decontamination; writes funnel.json and a PNG."""
+    from budgetthink.data.curate import curate as run
+
+    models = [m for m in (difficulty_models or "").split(",") if m]
+    _print_json(run(inp, n, out, seed=seed, require_correct=require_correct, max_chars=max_chars,
+                    difficulty_models=models, domain_field=domain_field, clusters=clusters,
+                    decontaminate=decontaminate or [], keep_field=keep_field, fmt=format))
+
+
+@app.command("eval")
+def eval_(model: Annotated[list[str], typer.Option(help="Model directory (repeatable).")], out: Out,
+          task: TaskOpt = "countdown", n: Annotated[int, typer.Option(help="Problems.")] = 100, seed: Seed = 0,
+          budgets: Annotated[str, typer.Option(help="Maximum thinking budgets, e.g. 16,32,64,128.")] = "16,32,64,128",
+          extensions: Annotated[Optional[str], typer.Option(help="Extension counts, e.g. 0,1,2,4.")] = None,
+          samples: Annotated[int, typer.Option(help="K samples per problem for majority vote and pass@k.")] = 1,
+          budget_in_prompt: Annotated[bool, typer.Option(help="State each budget in the prompt.")] = False,
+          force: Annotated[bool, typer.Option(help="Enforce the budget by budget forcing.")] = True,
+          engine: Annotated[str, typer.Option(help="torch or vllm.")] = "torch", format: Format = "tinyzero",
+          temperature: Annotated[float, typer.Option(help="Temperature for the K samples.")] = 1.0,
+          max_answer_tokens: MaxAnswer = 64, options: TaskOptions = None):
+    """Test-time scaling report: accuracy over thinking budgets, s1's metrics, majority vote; PNG + HTML."""
+    from budgetthink.evaluate import parse_ints, run, summary_text
+
+    results = run(model, task, n, seed, parse_ints(budgets, "--budgets"), parse_ints(extensions, "--extensions"),
+                  samples=samples, out=out, budget_in_prompt=budget_in_prompt, force=force, engine=engine, fmt=format,
+                  task_options=_options(options), max_answer_tokens=max_answer_tokens, temperature=temperature,
+                  command=" ".join(["budgetthink", *sys.argv[1:]]))
+    print(summary_text(results))
+
+
+@app.command()
+def serve(model: Annotated[str, typer.Option(help="Model directory.")],
+          host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="Port.")] = 8000,
+          api_key: Annotated[Optional[str], typer.Option(help="Require this bearer key.")] = None,
+          max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 32,
+          max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond it 429.")] = 256,
+          engine: Annotated[str, typer.Option(help="torch or vllm.")] = "torch", format: Format = "tinyzero"):
+    """OpenAI-compatible API with thinking budgets (max_thinking_tokens, min_thinking_tokens, thinking_extensions)."""
+    from budgetthink.serve import run
+
+    run(model, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue, engine=engine,
+        fmt=format)
 
 
 @app.command()

@@ -74,7 +74,8 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
 
 def explain(cls: type[BaseModel], err: ValidationError, source: str) -> UserError:
     """One line naming the first problem in a validation error."""
-    e = err.errors()[0]
+    errors = err.errors()
+    e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo explains the rest
     loc = tuple(e["loc"])
     key = ".".join(str(p) for p in loc)
     if e["type"] == "extra_forbidden":
