@@ -262,6 +262,16 @@ def export_verl(task: TaskOpt, out: Out,
     _print_json(export(task, n_train, n_test, out, seed=seed, task_options=_options(options), format=format))
 
 
+@app.command()
+def demo(out: Out = Path("runs/demo"),
+         quick: Annotated[bool, typer.Option("--quick", help="Smaller settings: a few minutes.")] = False,
+         preset: Annotated[Optional[str], typer.Option(help="Tiny preset for the base (default small).")] = None):
+    """Every stage on the tiny model: base, RL, distil + curate + SFT, test-time scaling, the bill, a report."""
+    from budgetthink.demo import run
+
+    run(out, quick=quick, preset=preset)
+
+
 def main():
     try:
         app()

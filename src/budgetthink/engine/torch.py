@@ -275,6 +275,7 @@ class TorchEngine:
             edits = forcing.advance(x, out_tok, out_len, plen)
             for r, (drop, ins) in edits.items():
                 at = int(out_len[r]) - drop
+                cache_len[r] = min(int(cache_len[r]), int(plen[r]) + at)  # a removed delimiter leaves the cache
                 m = len(ins)
                 out_tok[r, at:at + m] = torch.tensor(ins, dtype=torch.long, device=dev)
                 out_lp[r, at:at + m], out_smp[r, at:at + m] = 0.0, False
@@ -283,7 +284,6 @@ class TorchEngine:
             # what each live row feeds next: the tokens of prompt + output not yet in its cache
             live = forcing.live
             seq_len = plen + out_len
-            cache_len = torch.minimum(cache_len, seq_len)  # a removed delimiter leaves the cache
             refeed = live & (cache_len == seq_len)  # nothing new (an empty insertion): recompute the last token
             cache_len = cache_len - refeed.long()
             k = torch.where(live, seq_len - cache_len, 0)

