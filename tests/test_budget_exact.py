@@ -27,6 +27,15 @@ FORMATS = ("tinyzero", "s1", "r1")
 PROMPTS = ("3 5 7 -> 22\n", "12+7=", "Using the numbers [1, 2, 3], make 6.\n")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core box extra threads only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Nudged(Qwen2ForCausalLM):
     """A Qwen2 whose logits get `nudge[position % period]` added (see the module docstring)."""
 
@@ -58,12 +67,6 @@ def nudged_model(fmt_name: str, strength: float = 14.0, eos_strength: float = 8.
     nudge[len(script) + 4, tok.eos_token_id] = eos_strength
     model.register_buffer("nudge", nudge)
     return model.double().eval(), tok
-
-
-@pytest.fixture(scope="module", params=FORMATS)
-def setup(request):
-    model, tok = nudged_model(request.param)
-    return request.param, model, tok, TorchEngine(model, tok, max_batch=64)
 
 
 # --- the naive reference -------------------------------------------------------------------------------------------
@@ -134,57 +137,49 @@ def naive(model, tok, prompt_ids, fmt, budget: Budget, max_tokens: int):
 
 
 BUDGETS = {
-    "max": Budget(max_thinking_tokens=12, max_answer_tokens=10),
-    "min": Budget(min_thinking_tokens=40, max_answer_tokens=10),
-    "extensions": Budget(extensions=2, max_answer_tokens=10),
-    "min_max": Budget(min_thinking_tokens=25, max_thinking_tokens=45, max_answer_tokens=10),
+    "max": Budget(max_thinking_tokens=12, max_answer_tokens=8),
+    "min": Budget(min_thinking_tokens=24, max_answer_tokens=8),
+    "min_low": Budget(min_thinking_tokens=4, max_answer_tokens=8),
+    "extensions": Budget(extensions=2, max_answer_tokens=8),
+    "min_max": Budget(min_thinking_tokens=16, max_thinking_tokens=28, max_answer_tokens=8),
     "answer_prefix": Budget(max_thinking_tokens=20, extensions=1, extension_string=" Hmm,",
                             answer_prefix="\nFinal Answer: ", max_answer_tokens=8),
+    "empty_extension": Budget(extensions=2, extension_string="", max_answer_tokens=8),
     "max_zero": Budget(max_thinking_tokens=0, answer_prefix="A:", max_answer_tokens=6),
 }
 
 
-@pytest.mark.parametrize("name", list(BUDGETS))
-def test_engine_matches_naive_reference(setup, name):
-    fmt_name, model, tok, engine = setup
-    fmt, budget = get_format(fmt_name), BUDGETS[name]
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_engine_matches_naive_reference(fmt_name):
+    """Token-identical to the naive procedure under greedy decoding, for every budget kind, n=2 samples of
+    prompts of different lengths decoded in one batch; and the cases exercise every rule."""
+    model, tok = nudged_model(fmt_name)
+    engine, fmt = TorchEngine(model, tok), get_format(fmt_name)
     prompts = [fmt.prompt(p) for p in PROMPTS]
-    sampling = Sampling(temperature=0, max_tokens=100)
-    outs = engine.generate(prompts, sampling, n=2, budget=budget, fmt=fmt)
-    assert len(outs) == 2 * len(prompts)
-    for i, prompt in enumerate(prompts):
-        ids, sampled, counts = naive(model, tok, tok.encode(prompt), fmt, budget, sampling.max_tokens)
-        for got in outs[2 * i: 2 * i + 2]:
-            assert got.prompt_index == i
-            assert got.token_ids == ids, f"{fmt_name}/{name} prompt {i}: {got.text!r} vs {tok.decode(ids)!r}"
-            assert got.sampled == sampled
-            assert got.thinking_tokens == counts["thinking_tokens"]
-            assert got.answer_tokens == counts["answer_tokens"]
-            assert got.extensions == counts["extensions"]
-            assert got.meta["forced"] == counts["forced"]
-            assert [lp == 0.0 for lp, s in zip(got.logprobs, got.sampled) if not s] == [True] * sampled.count(False)
-
-
-def test_the_cases_exercise_every_rule():
-    """Across formats, the greedy runs above include model-closed thinking, removed delimiters (one token and
-    several), end-of-text while thinking, forced ends and answers ended by end-of-text and by the cap."""
+    sampling = Sampling(temperature=0, max_tokens=48)
     seen = set()
-    for fmt_name in FORMATS:
-        model, tok = nudged_model(fmt_name)
-        engine, fmt = TorchEngine(model, tok), get_format(fmt_name)
-        prompts = [fmt.prompt(p) for p in PROMPTS]
-        for name, budget in BUDGETS.items():
-            for o in engine.generate(prompts, Sampling(temperature=0, max_tokens=100), budget=budget, fmt=fmt):
-                closed_by_model = not o.meta["forced"] and fmt.think_close in o.text
-                seen.add(("closed", closed_by_model))
-                seen.add(("forced", o.meta["forced"]))
-                if o.meta["closes_removed"]:
-                    seen.add(("removed", fmt_name))
-                if o.extensions > o.meta["closes_removed"]:
-                    seen.add("eos_while_thinking")
-                seen.add(o.meta["stopped_by"])
-    assert {("closed", True), ("forced", True), ("removed", "tinyzero"), ("removed", "s1"), ("removed", "r1"),
-            "eos_while_thinking", "eos", "max_answer_tokens"} <= seen, seen
+    for name, budget in BUDGETS.items():
+        outs = engine.generate(prompts, sampling, n=2, budget=budget, fmt=fmt)
+        assert len(outs) == 2 * len(prompts)
+        for i, prompt in enumerate(prompts):
+            ids, sampled, counts = naive(model, tok, tok.encode(prompt), fmt, budget, sampling.max_tokens)
+            for got in outs[2 * i: 2 * i + 2]:
+                assert got.prompt_index == i
+                assert got.token_ids == ids, f"{name} prompt {i}: {got.text!r} vs {tok.decode(ids)!r}"
+                assert got.sampled == sampled
+                assert got.thinking_tokens == counts["thinking_tokens"]
+                assert got.answer_tokens == counts["answer_tokens"]
+                assert got.extensions == counts["extensions"]
+                assert got.meta["forced"] == counts["forced"]
+                assert all(lp == 0.0 for lp, s in zip(got.logprobs, got.sampled) if not s)
+                seen.add(("forced", got.meta["forced"]))
+                seen.add(("closed by the model", not got.meta["forced"] and fmt.think_close in got.text))
+                seen.add(("delimiter removed", got.meta["closes_removed"] > 0))
+                seen.add(("end-of-text while thinking", got.extensions > got.meta["closes_removed"]))
+                seen.add(got.meta["stopped_by"])
+    wanted = {("forced", True), ("closed by the model", True), ("delimiter removed", True),
+              ("end-of-text while thinking", True), "max_answer_tokens"}
+    assert wanted <= seen, wanted - seen
 
 
 # --- bounds under sampling -------------------------------------------------------------------------------------------
@@ -199,9 +194,9 @@ def sampled_thinking(tok, o, close: str) -> int:
 
 @pytest.mark.parametrize("fmt_name", FORMATS)
 def test_thinking_stays_within_bounds_when_sampling(fmt_name):
-    model, tok = nudged_model(fmt_name, strength=4.0)
+    model, tok = nudged_model(fmt_name, eos_strength=6.0)
     engine, fmt = TorchEngine(model, tok), get_format(fmt_name)
-    budget = Budget(min_thinking_tokens=8, max_thinking_tokens=24, extensions=1, max_answer_tokens=6)
+    budget = Budget(min_thinking_tokens=8, max_thinking_tokens=40, extensions=1, max_answer_tokens=6)
     prompts = [fmt.prompt(p) for p in PROMPTS]
     outs = engine.generate(prompts, Sampling(temperature=1.0, max_tokens=200, seed=1), n=24, budget=budget, fmt=fmt)
     assert len(outs) == 72
@@ -213,3 +208,4 @@ def test_thinking_stays_within_bounds_when_sampling(fmt_name):
         assert o.answer_tokens <= budget.max_answer_tokens
         assert sum(o.sampled) <= o.meta["sampled_tokens"] <= 200
     assert len({tuple(o.token_ids) for o in outs}) > 60  # the samples differ
+    assert any(o.meta["closes_removed"] for o in outs) and any(o.meta["forced"] for o in outs)

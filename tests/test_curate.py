@@ -128,9 +128,9 @@ def test_countdown_end_to_end_is_deterministic_and_reports_its_funnel(tmp_path):
     distill("countdown", "solver", 150, traces, seed=0)
     test_problems = task.generate(150, seed=0)[:3]  # three pool problems leaked into an "evaluation set"
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(p.to_dict()) + "\n" for p in test_problems))
-    kw = dict(seed=7, decontaminate=[tmp_path / "eval.jsonl"], max_chars=2000)
+    kw = {"seed": 7, "decontaminate": [tmp_path / "eval.jsonl"], "max_chars": 2000}
     a = curate(traces, 30, tmp_path / "a" / "sel.jsonl", **kw)
-    b = curate(traces, 30, tmp_path / "b" / "sel.jsonl", **kw)
+    curate(traces, 30, tmp_path / "b" / "sel.jsonl", **kw)
     assert (tmp_path / "a" / "sel.jsonl").read_bytes() == (tmp_path / "b" / "sel.jsonl").read_bytes()
     assert a["counts"][:3] == [150, 150, 147] and a["counts"][-1] == 30
     assert json.loads((tmp_path / "a" / "funnel.json").read_text())["counts"] == a["counts"]
@@ -149,8 +149,8 @@ def test_clusters_and_bad_options(tmp_path):
     topics = {"geometry": "triangle circle angle radius", "algebra": "polynomial root equation variable",
               "counting": "ways choose arrange permutations"}
     recs, rng = [], random.Random(1)
-    for t, words in topics.items():
-        for i in range(15):
+    for words in topics.values():
+        for _ in range(15):
             ws = words.split()
             recs.append(_trace(len(recs), " ".join(rng.choice(ws) for _ in range(12)), thinking="t" * rng.randint(5, 50)))
     inp = tmp_path / "t.jsonl"
@@ -205,6 +205,7 @@ def _memorize(model_dir, prompts: list[str], targets: list[str], out, steps: int
 
 
 def test_difficulty_drops_what_a_model_solves(tmp_path, tiny_model_dir):
+    from budgetthink.engine import Budget, Sampling, load_engine
     from budgetthink.formats import get_format
 
     task = get_task("countdown")
@@ -213,20 +214,32 @@ def test_difficulty_drops_what_a_model_solves(tmp_path, tiny_model_dir):
     learnt = problems[:3]
     numbers = {tuple(sorted(p.answer["numbers"])) for p in learnt}
     others = [p for p in problems[3:] if tuple(sorted(p.answer["numbers"])) not in numbers][:5]
-    solver_model = tmp_path / "solves-three"
+    pool = learnt + others
+    # a model that certainly solves three of them: the test model, trained on their answers
+    trained = tmp_path / "solves-three"
     loss = _memorize(tiny_model_dir, [fmt.prompt(p.prompt) for p in learnt],
-                     [fmt.completion("", task.solve(p).answer) for p in learnt], solver_model)
-    assert loss < 0.05, f"the tiny model did not learn its three answers (loss {loss})"
+                     [fmt.completion("", task.solve(p).answer) for p in learnt], trained)
+    # the reference: each model answers each problem on its own (greedy, as the stage does), scored here
+    solved = {}
+    for model in (tiny_model_dir, trained):
+        engine = load_engine(str(model))
+        outs = engine.generate([fmt.prompt(p.prompt) for p in pool], Sampling(temperature=0.0, max_tokens=40), n=1,
+                               budget=Budget(), fmt=fmt)
+        solved[model] = {p.id for p, c in zip(pool, outs) if task.score(p, c.text).correct}
+    assert {p.id for p in learnt} <= solved[trained], f"the trained model did not learn its answers (loss {loss})"
+
     traces = tmp_path / "traces.jsonl"
-    distill("countdown", "solver", None, traces, problems_path=_problems_file(tmp_path, learnt + others))
-    funnel = curate(traces, None, tmp_path / "sel.jsonl", difficulty_models=[tiny_model_dir, solver_model],
+    distill("countdown", "solver", None, traces, problems_path=_problems_file(tmp_path, pool))
+    funnel = curate(traces, None, tmp_path / "sel.jsonl", difficulty_models=[tiny_model_dir, trained],
                     difficulty_max_tokens=40)
     stage = funnel["stages"][3]
-    # the untrained model solves nothing; the trained one solves exactly its three, which are dropped
     assert stage["stage"] == "difficulty"
-    assert stage["solved_by"] == {str(tiny_model_dir): 0, str(solver_model): 3}
+    # each model is asked what the earlier ones left; a problem any of them solves is dropped
+    assert stage["solved_by"] == {str(tiny_model_dir): len(solved[tiny_model_dir]),
+                                  str(trained): len(solved[trained] - solved[tiny_model_dir])}
     kept = {json.loads(x)["id"] for x in (tmp_path / "sel.jsonl").read_text().splitlines()}
-    assert kept == {p.id for p in others}
+    assert kept == {p.id for p in pool} - solved[tiny_model_dir] - solved[trained]
+    assert stage["count"] == len(kept) <= 5
 
 
 def _problems_file(tmp_path, problems):

@@ -43,7 +43,9 @@ def test_teacher_spec_and_reply_parsing():
     assert split_thinking("<answer>3</answer>", "hmm", FMT) == ("hmm", "<answer>3</answer>")
     s1 = get_format("s1")
     assert split_thinking("<|im_start|>think\nx y\n<|im_start|>answer\nAnswer: 42", None, s1) == ("x y", "42")
-    resp = lambda h: SimpleNamespace(response=SimpleNamespace(headers=h))  # noqa: E731
+    def resp(headers):
+        return SimpleNamespace(response=SimpleNamespace(headers=headers))
+
     assert _retry_after(resp({"retry-after": "3"})) == 3.0
     assert _retry_after(resp({"retry-after-ms": "250"})) == 0.25
     assert _retry_after(resp({})) is None
@@ -143,7 +145,7 @@ def server(tiny_model_dir):
         yield s
 
 
-FAST_RETRY = dict(retries=200, backoff=0.01, max_backoff=0.05)
+FAST_RETRY = {"retries": 200, "backoff": 0.01, "max_backoff": 0.05}
 BUDGET = Budget(max_thinking_tokens=6, max_answer_tokens=8)
 SAMPLING = Sampling(temperature=0.0, max_tokens=24)
 

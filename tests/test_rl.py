@@ -257,15 +257,16 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_model_dir, tmp_p
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    log = open(tmp_path / "killed.log", "wb")
     proc = subprocess.Popen([sys.executable, "-c", DRIVER.format(tests=str(ROOT / "tests")), "--config", "/dev/null",
-                             "--out", str(killed), *overrides], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                             "--out", str(killed), *overrides], env=env, stdout=log, stderr=log)
     deadline = time.time() + 300
     while latest_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
     assert latest_checkpoint(killed) is not None and not (killed / "model").exists()  # killed before the end
 
     resumed = rl.train(load_config(rl.RLConfig, None, overrides), killed, resume=True)

@@ -15,6 +15,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
+import copy  # noqa: E402
+
 import torch  # noqa: E402
 from test_budget_exact import BUDGETS, FORMATS, PROMPTS, naive  # noqa: E402
 from transformers import Qwen2ForCausalLM  # noqa: E402
@@ -60,19 +62,28 @@ def setup(tmp_path_factory):
         refs = {}
         for name in FORMATS:
             model, tok = test_budget_exact.nudged_model(name)
+            if not model.config.tie_word_embeddings:  # tie (input = output embedding), as Qwen2.5 up to 3B are
+                model.config.tie_word_embeddings = True
+                model.model.embed_tokens.weight = model.lm_head.weight
             refs[name] = (model, model.nudge.float())
-    base, _ = init_model(PRESET, seed=0)
-    with torch.no_grad():
-        base.model.norm.weight.mul_(15.0)
-    for k, v in base.state_dict().items():  # what vLLM loads is the reference without its bias
-        assert torch.equal(v.double(), refs["tinyzero"][0].state_dict()[k]), k
+    weights = {k: v for k, v in refs["tinyzero"][0].state_dict().items() if k != "nudge"}
+    for name in FORMATS:  # the formats differ in their bias only
+        assert all(torch.equal(v, refs[name][0].state_dict()[k]) for k, v in weights.items())
+    base = Qwen2ForCausalLM(copy.deepcopy(refs["tinyzero"][0].config))  # what vLLM loads: the model less its bias
+    base.load_state_dict(weights)
+    base.float()
     path = tmp_path_factory.mktemp("vllm") / "model"
     base.save_pretrained(path)
     tok.save_pretrained(path)
-    engine = VLLMEngine(path, dtype="float32", logits_processors=[PositionNudge], enforce_eager=True,
-                        enable_lora=True, max_lora_rank=8)
-    yield engine, tok, refs, path
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only spin (and this machine's cores are shared)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        engine = VLLMEngine(path, dtype="float32", logits_processors=[PositionNudge], enforce_eager=True,
+                            enable_lora=True, max_lora_rank=8)
+        yield engine, tok, refs, path
     BIAS["now"] = None
+    torch.set_num_threads(threads)
 
 
 def greedy(model, ids: list[int], max_tokens: int, eos: int) -> list[int]:
@@ -108,6 +119,27 @@ def test_vllm_matches_naive_reference(setup, fmt_name, name):
             assert got.extensions == counts["extensions"]
             assert got.meta["forced"] == counts["forced"]
             assert all(lp == 0.0 for lp, s in zip(got.logprobs, got.sampled) if not s)
+
+
+def test_the_cases_exercise_every_rule(setup):
+    """The greedy runs above (this model, this engine) include model-closed thinking, removed delimiters (one
+    token and several), end-of-text while thinking, forced ends, and answers ended by end-of-text and the cap."""
+    engine, tok, refs, _ = setup
+    seen = set()
+    for fmt_name in FORMATS:
+        BIAS["now"], fmt = refs[fmt_name][1], get_format(fmt_name)
+        prompts = [fmt.prompt(p) for p in PROMPTS]
+        for budget in BUDGETS.values():
+            for o in engine.generate(prompts, Sampling(temperature=0, max_tokens=100), budget=budget, fmt=fmt):
+                seen.add(("closed", not o.meta["forced"] and fmt.think_close in o.text))
+                seen.add(("forced", o.meta["forced"]))
+                if o.meta["closes_removed"]:
+                    seen.add(("removed", fmt_name))
+                if o.extensions > o.meta["closes_removed"]:
+                    seen.add("eos_while_thinking")
+                seen.add(o.meta["stopped_by"])
+    assert {("closed", True), ("forced", True), ("removed", "tinyzero"), ("removed", "s1"), ("removed", "r1"),
+            "eos_while_thinking", "eos", "max_answer_tokens"} <= seen, seen
 
 
 def test_without_budget_and_with_stop_strings_same_as_torch_engine(setup):

@@ -97,9 +97,8 @@ def quality(records: list[dict], fmt, require_correct: bool, max_chars: int | No
             dropped["empty"] += 1
         elif any(d in thinking or d in answer for d in delims):
             dropped["broken_delimiters"] += 1
-        elif max_chars is not None and len(thinking) + len(answer) > max_chars:
-            dropped["too_long"] += 1
-        elif max_thinking_tokens is not None and (r.get("thinking_tokens") or 0) > max_thinking_tokens:
+        elif ((max_chars is not None and len(thinking) + len(answer) > max_chars)
+              or (max_thinking_tokens is not None and (r.get("thinking_tokens") or 0) > max_thinking_tokens)):
             dropped["too_long"] += 1
         elif require_correct and not r.get("correct"):
             dropped["wrong"] += 1

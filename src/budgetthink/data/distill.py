@@ -240,8 +240,8 @@ async def _ask(client, task, p, teacher, model_name, fmt, sampling, budget, retr
     """The record for one problem, or None if it still failed after all retries."""
     import openai
 
-    kwargs = dict(model=model_name, messages=[{"role": "user", "content": p.prompt}],
-                  max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p)
+    kwargs = {"model": model_name, "messages": [{"role": "user", "content": p.prompt}],
+              "max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
     if sampling.stop:
         kwargs["stop"] = sampling.stop
     if sampling.seed is not None:
@@ -279,7 +279,7 @@ async def _ask(client, task, p, teacher, model_name, fmt, sampling, budget, retr
         stats["retried"] += 1
         stats["retry_reasons"][why] = stats["retry_reasons"].get(why, 0) + 1
         if wait is None:
-            wait = min(max_backoff, backoff * 2**attempt) * (0.5 + 0.5 * rng.random())
+            wait = min(max_backoff, backoff * 2.0 ** min(attempt, 40)) * (0.5 + 0.5 * rng.random())
         wait = min(wait, max_backoff)  # a Retry-After is honoured up to max_backoff
         await asyncio.sleep(wait)
     secs = time.perf_counter() - t0

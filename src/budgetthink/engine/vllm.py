@@ -134,6 +134,16 @@ def _is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def _source_dir(model) -> Path | None:
+    """The model directory a loaded model (a peft model's base) came from, if it is still there, complete."""
+    base = model.get_base_model() if _is_peft(model) else model
+    path = Path(str(getattr(base.config, "_name_or_path", "") or "."))
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")) and \
+            any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return path
+    return None
+
+
 class VLLMEngine:
     """Generation through vLLM with the torch engine's interface (see the module docstring)."""
 
@@ -161,7 +171,7 @@ class VLLMEngine:
         if isinstance(model_or_path, tuple):
             model_or_path, tokenizer = model_or_path
         self._tmp = None  # a directory this engine wrote (a loaded model, LoRA adapters)
-        self.lora_request, self._lora_id = None, 0
+        self.lora_request, self._lora_id, self._requests = None, 0, 0
         if isinstance(model_or_path, (str, Path)):
             path = Path(model_or_path)
             if not (path / "config.json").is_file():
@@ -176,9 +186,15 @@ class VLLMEngine:
         else:
             if tokenizer is None:
                 raise UserError("VLLMEngine needs a tokenizer with a loaded model: VLLMEngine(model, tokenizer)")
-            self._tmp = tempfile.TemporaryDirectory(prefix="budgetthink-vllm-")
-            path = Path(self._tmp.name) / "model"
-            config, generation_eos, lora_rank = self._save(model_or_path, tokenizer, path)
+            path = _source_dir(model_or_path)
+            if path is None:  # nothing on disk to start from: write the weights once
+                self._tmp = tempfile.TemporaryDirectory(prefix="budgetthink-vllm-")
+                path = Path(self._tmp.name) / "model"
+                self._save(model_or_path, tokenizer, path)
+            base = model_or_path.get_base_model() if _is_peft(model_or_path) else model_or_path
+            config = base.config
+            generation_eos = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+            lora_rank = max(c.r for c in model_or_path.peft_config.values()) if _is_peft(model_or_path) else None
             if lora_rank is not None:
                 llm_kwargs.setdefault("enable_lora", True)
                 llm_kwargs.setdefault("max_lora_rank", max(8, lora_rank))
@@ -206,31 +222,24 @@ class VLLMEngine:
                        logprobs_mode="processed_logprobs", **llm_kwargs)
         torch.set_num_threads = set_threads  # vLLM's CPU worker replaces it for the whole process
         self.context = self.llm.llm_engine.model_config.max_model_len
-        if lora_rank is not None:
+        if not isinstance(model_or_path, (str, Path)):  # the weights as they are now (and a peft model's adapters)
             self.update_weights(model_or_path)
 
     @staticmethod
-    def _save(model, tokenizer, path: Path):
+    def _save(model, tokenizer, path: Path) -> None:
         """Write a loaded model (a peft model's base weights) as a model directory vLLM can read."""
         from safetensors.torch import save_file
 
-        peft = _is_peft(model)
-        base = model.get_base_model() if peft else model
+        base = model.get_base_model() if _is_peft(model) else model
         path.mkdir(parents=True)
         base.config.save_pretrained(path)
-        generation_eos = None
         if getattr(base, "generation_config", None) is not None:
             base.generation_config.save_pretrained(path)
-            generation_eos = base.generation_config.eos_token_id
         tokenizer.save_pretrained(path)
-        sd = _plain_state_dict(model)
         tied = getattr(base.config.get_text_config(), "tie_word_embeddings", False)
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if not (tied and k == "lm_head.weight")}
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in _plain_state_dict(model).items()
+                   if not (tied and k == "lm_head.weight")}
         save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
-        rank = None
-        if peft:
-            rank = max(c.r for c in model.peft_config.values())
-        return base.config, generation_eos, rank
 
     # --- RL: the trainer's weights into the engine ---------------------------------------------------------------
     @torch.no_grad()
@@ -286,21 +295,7 @@ class VLLMEngine:
                 if len(row.prompt) + len(row.out) >= self.context:
                     row.stopped_by = CONTEXT
 
-        while True:
-            live = [i for i, row in enumerate(rows) if row.stopped_by == LIVE]
-            if not live:
-                break
-            requests, params = [], []
-            for i in live:
-                requests.append({"prompt_token_ids": rows[i].prompt + rows[i].out})
-                params.append(self._params(rows[i], i, rules))
-            outs = self.llm.generate(requests, params, use_tqdm=False,
-                                     lora_request=[self.lora_request] * len(live) if self.lora_request else None)
-            for i, o in zip(live, outs):
-                c = o.outputs[0]
-                toks = list(c.token_ids)
-                lps = [c.logprobs[j][t].logprob for j, t in enumerate(toks)] if c.logprobs else [0.0] * len(toks)
-                self._absorb(rows[i], toks, lps, rules)
+        self._drive(rows, rules)
 
         eos = set(self.eos)
         results = []
@@ -316,6 +311,40 @@ class VLLMEngine:
         return results
 
     # --- rounds -----------------------------------------------------------------------------------------------------
+    def _drive(self, rows: list[Row], rules: Rules) -> None:
+        """Run every live row's rounds through vLLM's engine loop until all rows are finished.
+
+        A row whose round ends is absorbed at once and, if it goes on, its next round joins the running batch
+        (continuous batching across rounds: no row waits for the slowest row of a round).
+        """
+        engine, owner = self.llm.llm_engine, {}
+
+        def submit(i: int) -> None:
+            self._requests += 1
+            rid = f"budgetthink-{self._requests}"
+            owner[rid] = i
+            engine.add_request(rid, {"prompt_token_ids": rows[i].prompt + rows[i].out}, self._params(rows[i], i, rules),
+                               lora_request=self.lora_request)
+
+        try:
+            for i, row in enumerate(rows):
+                if row.stopped_by == LIVE:
+                    submit(i)
+            while owner:
+                for o in engine.step():
+                    if not o.finished or o.request_id not in owner:
+                        continue
+                    i = owner.pop(o.request_id)
+                    c = o.outputs[0]
+                    toks = list(c.token_ids)
+                    lps = [c.logprobs[j][t].logprob for j, t in enumerate(toks)] if c.logprobs else [0.0] * len(toks)
+                    self._absorb(rows[i], toks, lps, rules)
+                    if rows[i].stopped_by == LIVE:
+                        submit(i)
+        finally:
+            if owner:  # interrupted: leave the engine empty for the next call
+                engine.abort_request(list(owner))
+
     def _rules(self, budget: Budget | None, sampling: Sampling, fmt) -> Rules:
         on = budget is not None and budget.active
         if on and fmt is None:
@@ -333,6 +362,7 @@ class VLLMEngine:
     def _params(self, row: Row, index: int, rules: Rules):
         """vLLM sampling parameters for the row's next round (max_tokens: until a rule may fire)."""
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         s, b = rules.sampling, rules.budget
         k = min(s.max_tokens - row.sampled_n, self.context - len(row.prompt) - len(row.out))
@@ -352,7 +382,7 @@ class VLLMEngine:
             max_tokens=max(1, k), temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k else 0,
             seed=seed, stop=stops or None, stop_token_ids=list(self.eos), ignore_eos=True, logprobs=0,
             skip_special_tokens=False, spaces_between_special_tokens=False, include_stop_str_in_output=True,
-            detokenize=bool(stops))
+            detokenize=bool(stops), output_kind=RequestOutputKind.FINAL_ONLY)
 
     def _absorb(self, row: Row, toks: list[int], lps: list[float], rules: Rules) -> None:
         """Apply the rules to the tokens vLLM sampled for `row` in this round, in order, up to the first event."""

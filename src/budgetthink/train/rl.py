@@ -60,6 +60,7 @@ class RLConfig(Config):
     engine: str = Field("torch", description="generation engine: torch or vllm")
     seed: int = Field(0, description="seeds data order, sampling and mini-batch order")
     max_steps: int = Field(100, ge=1, description="number of RL steps (one batch of prompts each)")
+    max_minutes: float | None = Field(None, gt=0, description="also stop (evaluated, checkpointed) after this wall time")
     budget: Budget | None = Field(None, description="thinking budget applied to every rollout and evaluation")
 
     # data
@@ -619,8 +620,10 @@ def train(cfg: RLConfig, out: Path, resume: bool = False) -> list[dict]:
     if run.step == 0 and cfg.eval_every and run.eval_set:
         evaluate(run, 0)
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc=f"rl {cfg.algorithm}", file=sys.stderr, dynamic_ncols=True)
+    start = time.perf_counter()
     for step in range(run.step + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
+        last = step == cfg.max_steps or (cfg.max_minutes is not None and t0 - start > cfg.max_minutes * 60)
         generated, rows = rollout(run, step)  # n completions per prompt with the current weights, scored
         t1 = time.perf_counter()
         stats = update(run, rows, step) if rows else {}  # advantages, then ppo_epochs x mini-batches
@@ -629,16 +632,18 @@ def train(cfg: RLConfig, out: Path, resume: bool = False) -> list[dict]:
         m = {"step": step, **rollout_metrics(generated, cfg.n), "groups_trained": len(rows) // cfg.n,
              "kl": None, "entropy": None, "loss": None, "grad_norm": None, **stats,
              "lr": run.scheduler.get_last_lr()[0], "generate_s": t1 - t0, "train_s": t2 - t1}
-        if cfg.eval_every and run.eval_set and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        if cfg.eval_every and run.eval_set and (step % cfg.eval_every == 0 or last):
             ev = evaluate(run, step)
             m |= {"eval_reward": ev["reward"], "eval_accuracy": ev["accuracy"]}
         m["step_s"] = time.perf_counter() - t0
         run.log.append(m)
         warnings(run, m)
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        if step % cfg.save_every == 0 or last:
             checkpoint(run)
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['accuracy']:.2f}")
+        if last:
+            break
     bar.close()
     finish(run)
     return run.log.read()

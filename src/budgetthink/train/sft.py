@@ -99,7 +99,8 @@ class SFTConfig(Config):
     grad_clip: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this (None: no clipping)")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="compute dtype: bfloat16 (autocast over fp32 weights and optimizer) or float32; "
-                            "auto: bfloat16 (fastest on GPU and, with eager attention, on this class of CPU)")
+                            "auto: bfloat16 on a GPU that has it and on CPUs with native bf16 (AVX512-BF16 "
+                            "or AMX), float32 on other CPUs (bf16 matmuls are emulated there, ~100x slower)")
     attn_implementation: str = Field("auto", description="attention kernel: auto (eager on CPU, where it trains "
                                                          "fastest in bf16; sdpa on GPU), eager, sdpa, flash_attention_2")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
@@ -260,6 +261,15 @@ class Run:
     last_ckpt: Path | None = None
 
 
+def use_bf16(dtype: str, cuda: bool) -> bool:
+    """Whether to autocast to bf16: as asked, or (auto) where the hardware computes bf16 natively."""
+    if dtype != "auto":
+        return dtype == "bfloat16"
+    if cuda:
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def _say(msg: str) -> None:
     from tqdm import tqdm
 
@@ -328,7 +338,7 @@ def setup(cfg: SFTConfig, out: Path, resume: bool) -> Run:
     scheduler = make_scheduler(optimizer, optim, total)  # stepped by hand once per step (not prepared)
     run = Run(cfg=cfg, out=out, acc=acc, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
               examples=examples, lengths=lengths, stats={**stats, "steps_per_epoch": per_epoch, "total_steps": total},
-              total_steps=total, bf16=cfg.dtype != "float32", log=MetricsLog(out / "metrics.jsonl"))
+              total_steps=total, bf16=use_bf16(cfg.dtype, cuda), log=MetricsLog(out / "metrics.jsonl"))
     if ckpt:
         state = load_state(ckpt)
         if "optimizer" in state:
@@ -475,7 +485,7 @@ def train(cfg: SFTConfig, out: Path, resume: bool = False) -> dict:
         finish(run)
         records = run.log.read() if is_main else []
         summary = {**run.stats, "steps": run.step, "truncation": cfg.truncation, "max_seq_len": cfg.max_seq_len,
-                   "processes": run.acc.num_processes, "final_loss": records[-1]["loss"] if records else None,
+                   "processes": run.acc.num_processes, "dtype": "bfloat16" if run.bf16 else "float32", "final_loss": records[-1]["loss"] if records else None,
                    "tokens_trained_this_run": trained, "wall_s": time.perf_counter() - t_start,
                    "model_dir": str(out / "model")}
         if is_main:

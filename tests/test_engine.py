@@ -1,0 +1,232 @@
+"""The torch engine samples correctly: checked against plain full forwards of the model (no cache).
+
+The model is the random `test` preset tiny Qwen2 in float64 with an untied output layer of large random
+weights, so that its greedy text is varied (not one repeated token), it sometimes writes end-of-text, and
+float rounding cannot break argmax ties differently in the batched and the plain forward.
+"""
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from budgetthink.engine import Budget, Sampling, load_engine
+from budgetthink.engine.torch import TorchEngine
+from budgetthink.errors import UserError
+from budgetthink.formats import get_format
+from budgetthink.tiny import init_model
+
+PROMPTS = ["3 5 7 -> 22\n<think>", "12+7=", "Using the numbers [1, 2, 3], make 6.\n<think>"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core box extra threads only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    model, tok = init_model("test", seed=0)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(
+        0.35 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)))
+    return model.double().eval(), tok
+
+
+@pytest.fixture(scope="module")
+def engine(model_tok):
+    return TorchEngine(*model_tok)
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    """Last-position logits of a plain forward over the whole sequence, no cache."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+def plain_greedy(model, tok, prompt: str, max_tokens: int) -> list[int]:
+    ids, out = tok.encode(prompt), []
+    for _ in range(max_tokens):
+        x = int(full_logits(model, ids + out).argmax())
+        out.append(x)
+        if x == tok.eos_token_id:
+            break
+    return out
+
+
+def test_greedy_equals_argmax_of_full_forward(model_tok, engine):
+    model, tok = model_tok
+    outs = engine.generate(PROMPTS, Sampling(temperature=0, max_tokens=40))
+    for prompt, o in zip(PROMPTS, outs):
+        want = plain_greedy(model, tok, prompt, 40)
+        assert o.token_ids == want
+        assert o.sampled == [True] * len(want)
+        assert o.finish_reason == ("stop" if want[-1] == tok.eos_token_id else "length")
+        assert o.text == tok.decode([t for t in want if t != tok.eos_token_id])
+    assert len({tuple(o.token_ids) for o in outs}) == 3 and len(set(outs[0].token_ids)) > 5  # varied text
+
+
+def test_batch_of_different_lengths_equals_each_prompt_alone(engine):
+    s = Sampling(temperature=0, max_tokens=30)
+    together = engine.generate(PROMPTS, s, n=2)
+    for i, prompt in enumerate(PROMPTS):
+        alone = engine.generate([prompt], s)[0]
+        assert together[2 * i].token_ids == alone.token_ids == together[2 * i + 1].token_ids
+        assert together[2 * i].prompt_index == i
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    s = Sampling(temperature=1.0, max_tokens=30, seed=7)
+    a = engine.generate(PROMPTS, s, n=4)
+    b = engine.generate(PROMPTS, s, n=4)
+    c = engine.generate(PROMPTS, Sampling(temperature=1.0, max_tokens=30, seed=8), n=4)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.logprobs for o in a] == [o.logprobs for o in b]
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+    assert len({tuple(o.token_ids) for o in a[:4]}) > 1  # the n samples of one prompt differ
+
+
+def test_top_k_1_equals_greedy(engine):
+    greedy = engine.generate(PROMPTS, Sampling(temperature=0, max_tokens=30))
+    top1 = engine.generate(PROMPTS, Sampling(temperature=1.3, top_k=1, max_tokens=30, seed=3))
+    assert [o.token_ids for o in greedy] == [o.token_ids for o in top1]
+    assert all(lp == 0.0 for o in top1 for lp in o.logprobs)  # a point mass
+
+
+def test_logprobs_at_temperature_1_equal_full_forward_log_softmax(model_tok, engine):
+    model, tok = model_tok
+    outs = engine.generate(PROMPTS, Sampling(temperature=1.0, max_tokens=25, seed=0), n=2)
+    for o in outs:
+        ids = tok.encode(PROMPTS[o.prompt_index])
+        for j, (t, lp) in enumerate(zip(o.token_ids, o.logprobs)):
+            want = torch.log_softmax(full_logits(model, ids + o.token_ids[:j]), -1)[t].item()
+            assert lp == pytest.approx(want, abs=1e-6)
+
+
+def test_logprobs_under_temperature_top_k_top_p(model_tok, engine):
+    """The log-prob is under the distribution actually sampled from, computed here independently."""
+    model, tok = model_tok
+    T, k, p = 0.7, 8, 0.8
+    outs = engine.generate(PROMPTS[:2], Sampling(temperature=T, top_k=k, top_p=p, max_tokens=15, seed=0), n=3)
+    for o in outs:
+        ids = tok.encode(PROMPTS[o.prompt_index])
+        for j, (t, lp) in enumerate(zip(o.token_ids, o.logprobs)):
+            probs = torch.softmax(full_logits(model, ids + o.token_ids[:j]) / T, -1).tolist()
+            ranked = sorted(range(len(probs)), key=lambda i: -probs[i])[:k]  # top-k ...
+            mass = sum(probs[i] for i in ranked)
+            kept, acc = [], 0.0
+            for i in ranked:  # ... then the smallest head of them holding p of their mass
+                kept.append(i)
+                acc += probs[i] / mass
+                if acc >= p:
+                    break
+            assert t in kept
+            want = math.log(probs[t] / sum(probs[i] for i in kept))
+            assert lp == pytest.approx(want, abs=1e-6)
+
+
+def test_n_samples_share_one_prefill(model_tok):
+    model, tok = model_tok
+    engine = TorchEngine(model, tok)
+    batches = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: batches.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        engine.generate(PROMPTS, Sampling(temperature=1.0, max_tokens=10, seed=0), n=5)
+    finally:
+        hook.remove()
+    longest = max(len(tok.encode(p)) for p in PROMPTS)
+    assert batches[0] == (3, longest)  # one prefill row per prompt
+    assert all(b == (15, 1) for b in batches[1:])  # then 3 x 5 rows, one token each
+
+
+def test_finished_rows_leave_the_batch(model_tok):
+    model, tok = model_tok
+    digits = tok.encode("0123456789")  # taken as end-of-text here, so that rows end at many different steps
+    engine = TorchEngine(model, tok, eos_token_ids=digits)
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        outs = engine.generate(PROMPTS, Sampling(temperature=1.0, max_tokens=60, seed=0), n=16)
+    finally:
+        hook.remove()
+    stopped = sum(o.finish_reason == "stop" for o in outs)
+    assert stopped >= 8  # enough rows end early for the test to mean something
+    assert rows[1] == 48 and min(rows[1:]) < 48 and rows == [rows[0]] + sorted(rows[1:], reverse=True)
+    for o in outs:
+        assert len(o.token_ids) == 60 or (o.token_ids[-1] in digits and not set(o.token_ids[:-1]) & set(digits))
+
+
+def test_stop_strings(model_tok, engine):
+    model, tok = model_tok
+    free = engine.generate(PROMPTS, Sampling(temperature=0, max_tokens=40))
+    for i, o in enumerate(free):
+        stop = o.text[10:12]
+        cut = next(j for j in range(1, len(o.token_ids) + 1) if stop in tok.decode(o.token_ids[:j]))
+        got = engine.generate([PROMPTS[i]], Sampling(temperature=0, max_tokens=40, stop=["@@never", stop]))[0]
+        assert got.token_ids == o.token_ids[:cut]
+        assert got.finish_reason == "stop" and got.meta["stopped_by"] == "stop_string"
+        assert got.text.endswith(stop)
+
+
+def test_stop_strings_only_in_the_answer_under_a_budget(model_tok, engine):
+    model, tok = model_tok
+    fmt = get_format("tinyzero")
+    free = engine.generate(PROMPTS[:1], Sampling(temperature=0, max_tokens=40), budget=Budget(max_thinking_tokens=12),
+                           fmt=fmt)[0]
+    thinking, answer = fmt.split(free.text)
+    stop = thinking[3:5]
+    assert stop not in answer[:4]
+    got = engine.generate(PROMPTS[:1], Sampling(temperature=0, max_tokens=40, stop=[stop]),
+                          budget=Budget(max_thinking_tokens=12), fmt=fmt)[0]
+    assert got.text.startswith(free.text[: len(thinking) + 8])  # not stopped in the thinking
+
+
+def test_max_batch_splits_without_changing_results(model_tok):
+    model, tok = model_tok
+    s = Sampling(temperature=0, max_tokens=20)
+    big = TorchEngine(model, tok).generate(PROMPTS, s, n=2)
+    small = TorchEngine(model, tok, max_batch=2).generate(PROMPTS, s, n=2)
+    assert [o.token_ids for o in big] == [o.token_ids for o in small]
+    assert [o.prompt_index for o in small] == [0, 0, 1, 1, 2, 2]
+
+
+def test_loads_a_model_directory(tmp_path):
+    model, tok = init_model("test", seed=0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    engine = load_engine(str(tmp_path), backend="torch", device="cpu")
+    want = engine.generate(PROMPTS[:1], Sampling(temperature=0, max_tokens=8))[0]
+    again = TorchEngine(model.eval(), tok).generate(PROMPTS[:1], Sampling(temperature=0, max_tokens=8))[0]
+    assert want.token_ids == again.token_ids
+
+
+def test_bf16_runs(model_tok):
+    model, tok = init_model("test", seed=0)
+    engine = TorchEngine(model.to(torch.bfloat16).eval(), tok)
+    outs = engine.generate(PROMPTS, Sampling(temperature=1.0, max_tokens=10, seed=0), n=2)
+    assert all(len(o.token_ids) >= 1 and all(math.isfinite(lp) for lp in o.logprobs) for o in outs)
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+def test_bad_input_is_a_user_error(model_tok, engine, tmp_path):
+    model, tok = model_tok
+    with pytest.raises(UserError, match="not found"):
+        TorchEngine(tmp_path / "nope")
+    with pytest.raises(UserError, match="context"):
+        engine.generate(["x" * 1024], Sampling(max_tokens=4))
+    with pytest.raises(UserError, match="cannot encode"):
+        engine.generate(PROMPTS[:1], Sampling(max_tokens=4), budget=Budget(extensions=1, extension_string="Wait\u00e9"),
+                        fmt=get_format("tinyzero"))
+    with pytest.raises(UserError, match="think format"):
+        engine.generate(PROMPTS[:1], Sampling(max_tokens=4), budget=Budget(max_thinking_tokens=3))
+    with pytest.raises(ValidationError, match="above"):
+        Budget(min_thinking_tokens=10, max_thinking_tokens=5)
+    with pytest.raises(ValidationError, match=">= 0"):
+        Budget(max_thinking_tokens=-1)
