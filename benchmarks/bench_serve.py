@@ -12,6 +12,7 @@ machine, the settings, each level's raw latencies and figures, and the ratio.
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import signal
@@ -28,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def percentile(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
+    """Nearest-rank percentile: the ceil(q/100 * N)-th smallest."""
     s = sorted(xs)
-    return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
+    return s[min(len(s), max(1, math.ceil(q / 100 * len(s)))) - 1]
 
 
 async def level(url: str, model: str, concurrency: int, prompts: list[str], max_tokens: int) -> dict:

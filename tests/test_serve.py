@@ -61,7 +61,7 @@ class Server:
 
     def metric(self, name: str) -> float:
         text = self.http.get("/metrics").text
-        return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+        return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
 
 
 class Gated:
@@ -154,8 +154,8 @@ def test_chat_n_greater_than_one(server):
 
 def test_streaming_chat_reasoning_then_content(server):
     client = server.client()
-    kw = dict(model=NAME, messages=[{"role": "user", "content": "5+5="}], max_tokens=40, temperature=0,
-              extra_body={"max_thinking_tokens": 20})
+    kw = {"model": NAME, "messages": [{"role": "user", "content": "5+5="}], "max_tokens": 40, "temperature": 0,
+              "extra_body": {"max_thinking_tokens": 20}}
     whole = client.chat.completions.create(**kw).choices[0]
     kinds, reasoning, content, finish, usage = [], "", "", None, None
     for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
@@ -183,9 +183,9 @@ def test_streaming_completion(server):
     assert text == whole.choices[0].text
 
 
-@pytest.mark.parametrize("bounds", [dict(max_thinking_tokens=0), dict(max_thinking_tokens=6),
-                                    dict(min_thinking_tokens=12, max_thinking_tokens=16),
-                                    dict(min_thinking_tokens=10, thinking_extensions=2, extension_string="Hmm")])
+@pytest.mark.parametrize("bounds", [{"max_thinking_tokens": 0}, {"max_thinking_tokens": 6},
+                                    {"min_thinking_tokens": 12, "max_thinking_tokens": 16},
+                                    {"min_thinking_tokens": 10, "thinking_extensions": 2, "extension_string": "Hmm"}])
 def test_thinking_budget_fields(server, engine, bounds):
     """The fields reach the engine as a Budget, and the returned reasoning token count obeys the bounds."""
     messages = [{"role": "user", "content": "7*8="}]
@@ -395,8 +395,8 @@ def test_sigterm_finishes_requests_in_flight(tiny_model_dir):
                 assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
                 time.sleep(0.1)
         with ThreadPoolExecutor(1) as pool:
-            body = {"model": str(tiny_model_dir), "prompt": "1", "max_tokens": 1000, "temperature": 1.0,
-                    "min_thinking_tokens": 500, "max_thinking_tokens": 500}  # >= 500 decoding steps
+            body = {"model": str(tiny_model_dir), "prompt": "1", "max_tokens": 150, "temperature": 1.0,
+                    "min_thinking_tokens": 100, "max_thinking_tokens": 100}  # >= 100 decoding steps
             fut = pool.submit(http.post, "/v1/completions", json=body)
             while "budgetthink_running_requests 1" not in http.get("/metrics").text:
                 assert not fut.done(), fut.result().text

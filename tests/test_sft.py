@@ -34,8 +34,8 @@ def traces(n: int, seed: int = 0, num_numbers="2-3") -> list[dict]:
 
 
 def cfg_for(model_dir, data, **kw) -> SFTConfig:
-    base = dict(model=str(model_dir), data=str(data), format="tinyzero", batch_size=4, lr=1e-3, warmup_ratio=0.0,
-                dtype="float32", save_every=1, log_every=1000)
+    base = {"model": str(model_dir), "data": str(data), "format": "tinyzero", "batch_size": 4, "lr": 1e-3,
+            "warmup_ratio": 0.0, "dtype": "float32", "save_every": 1, "log_every": 1000}
     return SFTConfig(**{**base, **kw})
 
 
@@ -62,7 +62,7 @@ def test_prompt_masked_target_supervised(tmp_path, tok, tiny_model_dir):
     assert labels[10:] == ex.ids[10:]
     assert ex.ids[-1] == tok.eos_token_id
     assert sft.target_count(ex) == 15 and stats["target_tokens"] == 15
-    ids, lab = sft.collate([ex, ex], [0], tok.pad_token_id, "cpu")
+    _, lab = sft.collate([ex, ex], [0], tok.pad_token_id, "cpu")
     assert lab.tolist()[0] == labels
 
 
@@ -201,6 +201,21 @@ def test_run_outputs_and_exact_resume(tmp_path, tiny_model_dir, monkeypatch):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
 
 
+def test_lora_checkpoints_adapter_and_saves_merged_model(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    write_jsonl(tmp_path / "t.jsonl", traces(4))
+    cfg = cfg_for(tiny_model_dir, tmp_path / "t.jsonl", max_steps=1, lr=1e-2, lora={"r": 4, "alpha": 8})
+    sft.train(cfg, tmp_path / "l")
+    assert (tmp_path / "l" / "checkpoints" / "step_00000001" / "model" / "adapter_config.json").exists()
+    assert not (tmp_path / "l" / "model" / "adapter_config.json").exists()  # merged: an ordinary model directory
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "l" / "model").state_dict()
+    assert base.keys() == tuned.keys()
+    changed = [k for k in base if not torch.equal(base[k], tuned[k])]
+    assert changed and all("proj" in k for k in changed)  # only the adapted projections moved
+
+
 # --- 2 processes vs 1 ------------------------------------------------------------------------------------------
 def test_two_processes_match_one(tmp_path, tiny_model_dir):
     """Same global batch (8), fp32: per-step losses and gradient norms agree within 1e-4 relative."""
@@ -214,7 +229,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir):
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
            str(ROOT / "recipes/accelerate/cpu-ddp.yaml"), "--main_process_port", str(port), "-m", "budgetthink.train.sft",
            "--model", str(tiny_model_dir), "--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "two"), *common]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["processes"] == 2
     one = load_config(SFTConfig, None, common + ["micro_batch_size=3"],

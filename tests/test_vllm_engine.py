@@ -15,20 +15,20 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import copy  # noqa: E402
+import copy
 
-import torch  # noqa: E402
-from test_budget_exact import BUDGETS, FORMATS, PROMPTS, naive  # noqa: E402
-from transformers import Qwen2ForCausalLM  # noqa: E402
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor  # noqa: E402
-from vllm.v1.sample.logits_processor.builtin import process_dict_updates  # noqa: E402
+import test_budget_exact
+import torch
+from test_budget_exact import BUDGETS, FORMATS, PROMPTS, naive
+from transformers import Qwen2ForCausalLM
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-import test_budget_exact  # noqa: E402
-from budgetthink.engine import Budget, Sampling  # noqa: E402
-from budgetthink.engine.torch import TorchEngine  # noqa: E402
-from budgetthink.engine.vllm import VLLMEngine, first_hit  # noqa: E402
-from budgetthink.formats import get_format  # noqa: E402
-from budgetthink.tiny import PRESETS, Preset, init_model  # noqa: E402
+from budgetthink.engine import Budget, Sampling
+from budgetthink.engine.torch import TorchEngine
+from budgetthink.engine.vllm import VLLMEngine, first_hit
+from budgetthink.formats import get_format
+from budgetthink.tiny import PRESETS, Preset, init_model
 
 PRESET = Preset(**{**PRESETS["test"].model_dump(), "num_attention_heads": 2, "num_key_value_heads": 1})
 BIAS: dict = {"now": None}  # [period, V] bias the processor adds (None: the plain model)
@@ -62,9 +62,6 @@ def setup(tmp_path_factory):
         refs = {}
         for name in FORMATS:
             model, tok = test_budget_exact.nudged_model(name)
-            if not model.config.tie_word_embeddings:  # tie (input = output embedding), as Qwen2.5 up to 3B are
-                model.config.tie_word_embeddings = True
-                model.model.embed_tokens.weight = model.lm_head.weight
             refs[name] = (model, model.nudge.float())
     weights = {k: v for k, v in refs["tinyzero"][0].state_dict().items() if k != "nudge"}
     for name in FORMATS:  # the formats differ in their bias only
@@ -124,7 +121,7 @@ def test_vllm_matches_naive_reference(setup, fmt_name, name):
 def test_the_cases_exercise_every_rule(setup):
     """The greedy runs above (this model, this engine) include model-closed thinking, removed delimiters (one
     token and several), end-of-text while thinking, forced ends, and answers ended by end-of-text and the cap."""
-    engine, tok, refs, _ = setup
+    engine, _, refs, _ = setup
     seen = set()
     for fmt_name in FORMATS:
         BIAS["now"], fmt = refs[fmt_name][1], get_format(fmt_name)
@@ -165,20 +162,24 @@ def test_without_budget_and_with_stop_strings_same_as_torch_engine(setup):
 
 
 def test_logprobs_are_those_of_a_full_forward(setup):
-    """The log-prob of every sampled token = log_softmax(logits / T) of a no-cache forward; 0 for inserted."""
+    """The log-prob of every sampled token = log_softmax(logits / T) (top-k applied) of a no-cache forward under
+    the distribution sampled from; 0 for inserted tokens. A seed repeats a run."""
     engine, tok, refs, _ = setup
     model, BIAS["now"] = refs["tinyzero"]
     fmt = get_format("tinyzero")
     prompts = [fmt.prompt(p) for p in PROMPTS]
     budget = Budget(min_thinking_tokens=10, max_thinking_tokens=30, extensions=1, max_answer_tokens=8)
-    for sampling in (Sampling(temperature=0, max_tokens=80), Sampling(temperature=0.7, max_tokens=80, seed=3)):
+    for sampling in (Sampling(temperature=0, max_tokens=80), Sampling(temperature=0.7, max_tokens=80, seed=3),
+                     Sampling(temperature=1.0, top_k=5, max_tokens=80, seed=4)):
         outs = engine.generate(prompts, sampling, n=3, budget=budget, fmt=fmt)
         for o in outs:
             ids = tok.encode(prompts[o.prompt_index])
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([ids + o.token_ids])).logits[0, len(ids) - 1:-1]  # [T, V]
-            t = sampling.temperature or 1.0
-            want = (logits / t).log_softmax(-1).gather(-1, torch.tensor(o.token_ids)[:, None])[:, 0]
+            z = logits / (sampling.temperature or 1.0)
+            if sampling.top_k:  # the distribution sampled from: the k most likely tokens
+                z = z.masked_fill(z < z.topk(sampling.top_k, dim=-1).values[:, -1:], float("-inf"))
+            want = z.log_softmax(-1).gather(-1, torch.tensor(o.token_ids)[:, None])[:, 0]
             got = torch.tensor(o.logprobs, dtype=torch.float64)
             smp = torch.tensor(o.sampled)
             assert torch.allclose(got[smp], want[smp], atol=2e-4), (got[smp] - want[smp]).abs().max()
@@ -193,7 +194,7 @@ def test_lora_adapters_reach_the_engine(setup):
     """A peft model's adapters are served through a LoRARequest: greedy output = the merged model's."""
     from budgetthink.train.common import LoRA, apply_lora
 
-    engine, tok, refs, path = setup
+    engine, tok, _, path = setup
     BIAS["now"] = None
     base = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
     engine.update_weights(base)  # the engine's own weights, for a clean start
@@ -216,8 +217,8 @@ def test_lora_adapters_reach_the_engine(setup):
 
 
 def test_rl_weight_update_reaches_the_engine(setup):
-    """Perturb every weight (the tied embedding too), update_weights: greedy output = transformers' greedy."""
-    engine, tok, refs, path = setup
+    """Perturb every weight, update_weights: greedy output = transformers' greedy (no-cache forward, float64)."""
+    engine, tok, _, path = setup
     BIAS["now"] = None
     model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
     prompts = list(PROMPTS)
@@ -241,3 +242,71 @@ def test_first_hit_is_the_first_prefix_holding_the_string(setup):
     assert first_hit(tok, [], ids, ["</think>"]) == 3
     assert first_hit(tok, chars[:3], chars[3:], ["</think>"]) == len(chars) - 3
     assert first_hit(tok, [], ids, ["zz"]) is None
+
+
+TIED_CHECK = """
+import sys, torch
+from budgetthink.engine import Sampling
+from budgetthink.engine.vllm import VLLMEngine
+from budgetthink.tiny import Preset, init_model
+torch.set_num_threads(1)
+model, tok = init_model(Preset(**%r), seed=0)
+assert model.config.tie_word_embeddings
+with torch.no_grad():  # confident logits, and layers loud enough that the output is not the last token again
+    model.model.norm.weight.mul_(15.0)
+    for layer in model.model.layers:
+        layer.mlp.down_proj.weight.mul_(20.0)
+        layer.self_attn.o_proj.weight.mul_(20.0)
+model.save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[1])
+engine = VLLMEngine(sys.argv[1], dtype="float32", enforce_eager=True)
+prompts = ["3 5 7 -> 22\\n", "12+7=", "Using the numbers [1, 2, 3], make 6.\\n"]
+before = [o.token_ids for o in engine.generate(prompts, Sampling(temperature=0, max_tokens=30))]
+with torch.no_grad():  # the embedding only: it is also the output layer
+    model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight) * 0.05)
+engine.update_weights(model)
+after = [o.token_ids for o in engine.generate(prompts, Sampling(temperature=0, max_tokens=30))]
+ref = model.double()
+for p, got in zip(prompts, after):
+    ids, out = tok.encode(p), []
+    with torch.no_grad():
+        while len(out) < 30 and (not out or out[-1] != tok.eos_token_id):
+            out.append(int(ref(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax()))
+    assert got == out, (got, out)
+assert after != before
+print("TIED OK")
+"""
+
+
+@pytest.mark.slow
+def test_tied_output_layer_follows_a_weight_update(tmp_path):
+    """With tied embeddings (Qwen2.5 up to 3B, the tiny presets) a new input embedding reaches the output layer
+    too. Its own engine, so in a separate process (about a minute)."""
+    import subprocess
+    import sys
+
+    script = TIED_CHECK % PRESET.model_dump()
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "tied")], check=False, capture_output=True,
+                       text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "TIED OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu/check.sh --dry-run: the GPU check's code paths (model build, SFT step, RL setup with the
+    colocated vLLM engine, engine speed with and without a budget, a GRPO step) on a tiny shape, here."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "PYTHON": __import__("sys").executable, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", str(root / "benchmarks" / "gpu" / "check.sh"), "--dry-run", "--out", str(out)],
+                       check=False, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    dry = json.loads(out.read_text())["models"]["dry"]
+    assert dry["sft"]["tokens_per_s"] > 0 and dry["sft"]["steps"] == 1
+    speed = dry["rl"]["engine_speed"]
+    assert speed["engine"] == "VLLMEngine" and speed["plain"]["tokens_per_s"] > 0 and speed["budget"]["tokens_per_s"] > 0
+    assert dry["rl"]["grpo_step"]["trained_tokens"] > 0 and dry["rl"]["grpo_step"]["update_weights_s"] >= 0

@@ -36,7 +36,6 @@ is done: a role chunk at once, then the reasoning in pieces, then the answer in 
 import asyncio
 import json
 import logging
-import math
 import secrets
 import time
 import uuid
@@ -161,7 +160,8 @@ def validation_error(errors) -> APIError:
     if e.get("type") == "missing" and param is None:
         return APIError(400, "request body is missing; send a JSON object", code="missing")
     if param is None:
-        return APIError(400, f"request body: {e.get('msg')}; send a JSON object", code=e.get("type"))
+        return APIError(400, f"request body: {e.get('msg')}; send a JSON object with Content-Type: application/json",
+                        code=e.get("type"))
     msg = "unknown field; remove it" if e.get("type") == "extra_forbidden" else e.get("msg")
     return APIError(400, f"{param}: {msg}", param=param, code=e.get("type"))
 
@@ -338,6 +338,13 @@ class Batcher:
             outs = await asyncio.get_running_loop().run_in_executor(
                 self.pool, lambda: self.engine.generate(prompts, sampling=head.sampling, n=n, budget=head.budget, fmt=self.fmt))
         except UserError as e:
+            if len(batch) > 1:  # one request's fault must not fail the others: run each alone
+                for job in batch:
+                    try:
+                        await self.run([job])
+                    except APIError as err:
+                        job.future.set_exception(err)
+                return
             raise APIError(400, str(e), code="invalid_request") from e
         self.metrics.engine_seconds += time.perf_counter() - t0
         self.metrics.batches += 1
@@ -415,7 +422,7 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, max_bat
     """The FastAPI app serving `engine` (a loaded engine with `.tokenizer` and `.generate`) as `model_name`."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from fastapi.responses import PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
     if max_batch < 1 or max_queue < 1:
@@ -571,7 +578,7 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, max_bat
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
         try:
             prompt = fmt.chat_prompt(messages, tokenizer)
-        except Exception as e:  # a chat template may refuse a conversation (e.g. roles that do not alternate)
+        except Exception as e:  # noqa: BLE001  (a chat template may refuse a conversation: roles must alternate...)
             raise APIError(400, f"messages: the model's chat template rejected them ({e})", param="messages",
                            code="invalid_value") from None
         prompt_tokens = count_tokens(tokenizer, prompt)

@@ -28,9 +28,10 @@ but has *not* been taught to solve Countdown (a base that RL and budget forcing 
 - A few attempts with empty thinking and a guess.
 - Arithmetic drills: lines of one-step facts (`63*5=315`) and stepwise evaluations (`(9*5)+7=45+7=52`).
 
-Training is a plain loop: AdamW, linear warmup then cosine decay, bf16 autocast on the CPU with the eager
-attention kernel (the fastest combination here, see shared/reference/tiny-feasibility.md), one document per
-row, rows of similar length batched together, deterministic for a given seed. The build ends with a greedy
+Training is a plain loop: AdamW, linear warmup then cosine decay, one document per row, rows of similar
+length batched together, deterministic for a given seed and machine. It runs in float32 unless the CPU has
+AMX, where bf16 autocast with the eager attention kernel is 1.5x faster (tiny-feasibility.md); on a CPU
+without native bf16 (AVX2 only, as on the 2-core machine this was tuned on) bf16 is 8-10x *slower*. The build ends with a greedy
 check on held-out Countdown problems (the test split, another seed) through the torch engine and writes
 everything it measured to build_report.json.
 """
@@ -147,6 +148,7 @@ class Schedule(BaseModel):
     min_lr_ratio: float = Field(0.1, description="cosine decay ends at lr * min_lr_ratio")
     weight_decay: float = Field(0.1, description="AdamW weight decay on matrices (not on norms)")
     grad_clip: float = Field(1.0, description="clip the global gradient norm to this")
+    dtype: str = Field("auto", description="float32, bfloat16 (autocast), or auto: bfloat16 where the CPU has AMX")
     max_len: int = Field(640, description="documents are cut to this many tokens")
     train_problems: int = Field(8000, description="distinct Countdown problems (train split) the attempts use")
     give_up: list[float] = Field([0.6, 0.3], description="chance of giving up before search line k+1 (k = 1, 2, "
@@ -268,15 +270,27 @@ def batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[lis
 # pretraining
 
 
+def train_dtype(s: Schedule) -> str:
+    """The dtype training runs in: the schedule's, or for "auto" bfloat16 where the CPU has AMX, else float32."""
+    import torch
+
+    if s.dtype == "auto":
+        return "bfloat16" if "AMX" in torch.backends.cpu.get_cpu_capability() else "float32"
+    if s.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"tiny schedule dtype must be auto, float32 or bfloat16, not {s.dtype!r}")
+    return s.dtype
+
+
 def pretrain(model, tokenizer, docs: list[str], seed: int, s: Schedule, progress: bool = True) -> dict:
     """Train `model` in place on `docs` (one document per row, end-of-text appended); returns measurements."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
+    bf16 = train_dtype(s) == "bfloat16"
     ids = [x[:s.max_len - 1] + [EOS_ID] for x in tokenizer(docs, add_special_tokens=False)["input_ids"]]
     plan = batches([len(x) for x in ids], s.batch_size, random.Random(f"tiny-batches:{seed}"))
-    model.config._attn_implementation = "eager"  # with bf16 autocast the fastest kernel on this CPU
+    model.config._attn_implementation = "eager" if bf16 else "sdpa"  # the fastest kernel for each dtype here
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -289,7 +303,7 @@ def pretrain(model, tokenizer, docs: list[str], seed: int, s: Schedule, progress
         t = (step - s.warmup_steps) / max(1, len(plan) - s.warmup_steps)
         return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
-    tokens, losses, t0 = 0, [], time.time()
+    tokens, losses, t0, cpu0 = 0, [], time.time(), time.process_time()
     bar = tqdm(plan, desc="pretraining", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     for step, rows in enumerate(bar):
         width = max(len(ids[i]) for i in rows)
@@ -297,7 +311,7 @@ def pretrain(model, tokenizer, docs: list[str], seed: int, s: Schedule, progress
         for r, i in enumerate(rows):
             x[r, :len(ids[i])] = torch.tensor(ids[i])
         y = x[:, 1:].masked_fill(x[:, 1:] == PAD_ID, -100)  # [B, T-1] next-token targets, pads ignored
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=x).logits  # [B, T, V]
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
         for group in opt.param_groups:
@@ -311,11 +325,12 @@ def pretrain(model, tokenizer, docs: list[str], seed: int, s: Schedule, progress
         if step % 10 == 0 or step == len(plan) - 1:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}",
                             tok_s=f"{tokens / (time.time() - t0):.0f}")
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, time.process_time() - cpu0
     model.eval()
     model.config._attn_implementation = "sdpa"
     tail = losses[-max(1, len(losses) // 20):]
-    return {"steps": len(plan), "tokens": tokens, "wall_s": round(wall, 1), "tokens_per_s": round(tokens / wall),
+    return {"steps": len(plan), "tokens": tokens, "dtype": train_dtype(s), "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1), "tokens_per_s": round(tokens / wall),
             "first_loss": round(losses[0], 4), "final_loss": round(sum(tail) / len(tail), 4)}
 
 
@@ -371,6 +386,7 @@ def settings(preset: str | Preset, seed: int, schedule: Schedule | None = None) 
     for module in (sys.modules[__name__], countdown, formats):
         code.update(Path(module.__file__).read_bytes())
     return {"preset": name, "shape": _preset(preset).model_dump(), "seed": seed, "schedule": schedule.model_dump(),
+            "dtype": train_dtype(schedule),
             "countdown": COUNTDOWN, "format": FORMAT, "code_sha256": code.hexdigest()}
 
 

@@ -55,12 +55,23 @@ from pathlib import Path
 
 import torch
 
-from budgetthink.budget import CONTEXT, EOS, LIVE, MAX_ANSWER, MAX_TOKENS, STOP_STRING, STOPPED_BY, decode, \
-    encode_insert, find_end
+from budgetthink.budget import (
+    CONTEXT,
+    EOS,
+    LIVE,
+    MAX_ANSWER,
+    MAX_TOKENS,
+    STOP_STRING,
+    STOPPED_BY,
+    decode,
+    encode_insert,
+    find_end,
+)
 from budgetthink.engine import Budget, Completion, Sampling
 from budgetthink.errors import UserError
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM's CPU attention kernels
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
 @dataclass
@@ -137,8 +148,9 @@ def _is_peft(model) -> bool:
 def _source_dir(model) -> Path | None:
     """The model directory a loaded model (a peft model's base) came from, if it is still there, complete."""
     base = model.get_base_model() if _is_peft(model) else model
-    path = Path(str(getattr(base.config, "_name_or_path", "") or "."))
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")) and \
+    name = str(getattr(base.config, "_name_or_path", "") or "")
+    path = Path(name)
+    if name and (path / "config.json").is_file() and any(path.glob("*.safetensors")) and \
             any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return path
     return None
@@ -182,6 +194,10 @@ class VLLMEngine:
             config = AutoConfig.from_pretrained(path, local_files_only=True)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
             generation_eos = None
+            if (path / "generation_config.json").is_file():
+                from transformers import GenerationConfig
+
+                generation_eos = GenerationConfig.from_pretrained(path).eos_token_id
             lora_rank = None
         else:
             if tokenizer is None:
@@ -197,7 +213,7 @@ class VLLMEngine:
             lora_rank = max(c.r for c in model_or_path.peft_config.values()) if _is_peft(model_or_path) else None
             if lora_rank is not None:
                 llm_kwargs.setdefault("enable_lora", True)
-                llm_kwargs.setdefault("max_lora_rank", max(8, lora_rank))
+                llm_kwargs.setdefault("max_lora_rank", next(r for r in LORA_RANKS if r >= min(lora_rank, 512)))
                 llm_kwargs.setdefault("max_loras", 1)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = getattr(text_config, "num_attention_heads", None)
@@ -265,7 +281,7 @@ class VLLMEngine:
             out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             if out is not None and "lm_head.weight" not in sd:  # tied: vLLM's output layer needs it by name
                 weights.append(("lm_head.weight", out.weight.detach()))
-            self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(weights)))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
             self.lora_request = None
         self.llm.reset_prefix_cache()  # cached blocks hold keys/values of the old weights
 

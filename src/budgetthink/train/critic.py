@@ -1,13 +1,14 @@
 """The PPO critic: a causal-LM backbone (no LM head) with a scalar value head on every position.
 
     critic = Critic.from_pretrained("runs/tiny")          # a policy's model directory, or a saved critic
-    values = critic(input_ids, attention_mask, position_ids)   # [B, L]: V(s) after reading tokens 0..t
+    values = critic(input_ids, attention_mask, position_ids).logits[..., 0]   # [B, L]: V after tokens 0..t
     critic.save_pretrained(dir)        # the backbone as an ordinary model directory + value_head.safetensors
 
 The head starts at zero, so every initial value is 0 and the first advantages are the returns.
 """
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,13 +35,16 @@ class Critic(torch.nn.Module):
             critic.head.load_state_dict(load_file(head))
         return critic
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, keep: int | None = None) -> torch.Tensor:
-        """Values [B, L] (or of the last `keep` positions), as float32."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids).last_hidden_state  # [B, L, H]
-        if keep is not None:
-            hidden = hidden[:, -keep:]
-        return self.head(hidden).squeeze(-1).float()  # [B, L]
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                logits_to_keep: int = 0) -> SimpleNamespace:
+        """Values as `.logits` [B, L, 1] (float32; the last `logits_to_keep` positions if set) and the KV cache
+        as `.past_key_values`: the same shape of output as a causal LM's, so the same code runs both."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, use_cache=use_cache)
+        hidden = out.last_hidden_state  # [B, L, H]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return SimpleNamespace(logits=self.head(hidden).float(), past_key_values=out.past_key_values)
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)

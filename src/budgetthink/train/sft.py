@@ -61,9 +61,21 @@ from pydantic import Field, model_validator
 from budgetthink.config import Config, dump_config
 from budgetthink.errors import UserError
 from budgetthink.jsonl import atomic_write_json, iter_jsonl
-from budgetthink.train.common import (LoRA, MetricsLog, Optim, check_finite, latest_checkpoint, load_state,
-                                      make_optimizer, make_scheduler, plot_metrics, rng_state, save_checkpoint,
-                                      seed_everything, set_rng_state)
+from budgetthink.train.common import (
+    LoRA,
+    MetricsLog,
+    Optim,
+    check_finite,
+    latest_checkpoint,
+    load_state,
+    make_optimizer,
+    make_scheduler,
+    plot_metrics,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 
 IGNORE = -100  # label of a token that carries no loss
 LENGTH_WINDOW = 16  # batches per window whose examples are sorted by length together
@@ -101,8 +113,9 @@ class SFTConfig(Config):
         "auto", description="compute dtype: bfloat16 (autocast over fp32 weights and optimizer) or float32; "
                             "auto: bfloat16 on a GPU that has it and on CPUs with native bf16 (AVX512-BF16 "
                             "or AMX), float32 on other CPUs (bf16 matmuls are emulated there, ~100x slower)")
-    attn_implementation: str = Field("auto", description="attention kernel: auto (eager on CPU, where it trains "
-                                                         "fastest in bf16; sdpa on GPU), eager, sdpa, flash_attention_2")
+    attn_implementation: str = Field("auto", description="attention kernel: auto (eager for bf16 on a CPU, whose "
+                                                         "sdpa backward is slow there; else sdpa), eager, sdpa, "
+                                                         "flash_attention_2")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     lora: LoRA | None = Field(None, description="train LoRA adapters instead of all weights (merged at the end)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
@@ -325,7 +338,8 @@ def setup(cfg: SFTConfig, out: Path, resume: bool) -> Run:
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    attn = cfg.attn_implementation if cfg.attn_implementation != "auto" else "sdpa" if cuda else "eager"
+    bf16 = use_bf16(cfg.dtype, cuda)
+    attn = cfg.attn_implementation if cfg.attn_implementation != "auto" else "eager" if bf16 and not cuda else "sdpa"
     model, tokenizer = _load_model(cfg, ckpt, attn)
     examples, stats = load_examples(cfg.data, tokenizer, get_format(cfg.format), cfg)
     lengths = [len(e.ids) for e in examples]
@@ -338,7 +352,7 @@ def setup(cfg: SFTConfig, out: Path, resume: bool) -> Run:
     scheduler = make_scheduler(optimizer, optim, total)  # stepped by hand once per step (not prepared)
     run = Run(cfg=cfg, out=out, acc=acc, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
               examples=examples, lengths=lengths, stats={**stats, "steps_per_epoch": per_epoch, "total_steps": total},
-              total_steps=total, bf16=use_bf16(cfg.dtype, cuda), log=MetricsLog(out / "metrics.jsonl"))
+              total_steps=total, bf16=bf16, log=MetricsLog(out / "metrics.jsonl"))
     if ckpt:
         state = load_state(ckpt)
         if "optimizer" in state:
@@ -397,7 +411,7 @@ def checkpoint(run: Run) -> None:
 
 def finish(run: Run) -> None:
     """The final model in OUT/model (an ordinary model directory, LoRA merged), the plot and summary.json."""
-    model, sharded = _savable(run)
+    model, _ = _savable(run)
     if run.acc.is_main_process:
         tmp, final = run.out / ".model.tmp", run.out / "model"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -485,7 +499,8 @@ def train(cfg: SFTConfig, out: Path, resume: bool = False) -> dict:
         finish(run)
         records = run.log.read() if is_main else []
         summary = {**run.stats, "steps": run.step, "truncation": cfg.truncation, "max_seq_len": cfg.max_seq_len,
-                   "processes": run.acc.num_processes, "dtype": "bfloat16" if run.bf16 else "float32", "final_loss": records[-1]["loss"] if records else None,
+                   "processes": run.acc.num_processes, "dtype": "bfloat16" if run.bf16 else "float32",
+                   "final_loss": records[-1]["loss"] if records else None,
                    "tokens_trained_this_run": trained, "wall_s": time.perf_counter() - t_start,
                    "model_dir": str(out / "model")}
         if is_main:

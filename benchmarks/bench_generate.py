@@ -1,0 +1,214 @@
+"""Generation speed: our torch engine against `model.generate` and against the naive s1 budget-forcing procedure.
+
+    python benchmarks/bench_generate.py [--model DIR] [--prompts 64] [--n 8] [--new-tokens 128] [--quick]
+
+One process, one model (the `small` tiny preset: the pretrained build from `.cache/tiny` if one exists, else
+random weights of that shape, which decode at the same speed), the same Countdown prompts for every side,
+each side timed once after a warm-up, sampling at temperature 1. Writes benchmarks/results/bench_generate.json
+with the machine, the settings, each side's raw figures and the ratios:
+
+(a) plain sampling, prompts x n samples x new-tokens tokens each (end-of-text ignored on both sides so both
+    produce exactly that many): tokens/s of our engine vs `model.generate(do_sample=True,
+    num_return_sequences=n)`, in float32 and in bfloat16. Target: ours >= 3x generate in the same dtype.
+(b) budget forcing with 4 extensions (tinyzero format, max 256 thinking tokens, 32 answer tokens): our
+    engine (one call, the KV cache kept across insertions) vs the naive procedure s1 runs: repeated
+    `model.generate` calls that stop at the end of thinking, then cut the end, append "Wait" to the text,
+    re-encode the whole text and call again (4 times), then close thinking and generate the answer.
+    Compared in sampled tokens per second (the two sample different texts). Target: >= 3x.
+(c) the cost of forcing itself: our engine with min = max = 128 thinking tokens (every end of thinking the
+    model writes is removed and "Wait" inserted; then 32 answer tokens) vs the same engine unforced for the
+    same 160 sampled tokens per row. Target: <= 10% overhead.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from budgetthink.engine import Budget, Sampling  # noqa: E402
+from budgetthink.engine.torch import TorchEngine  # noqa: E402
+from budgetthink.formats import get_format  # noqa: E402
+from budgetthink.tasks import get_task  # noqa: E402
+
+
+def load_small(model_dir: Path | None):
+    """(model, tokenizer, description): a pretrained small tiny model if available, else random init."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from budgetthink import tiny
+
+    candidates = [model_dir] if model_dir else sorted((ROOT / ".cache" / "tiny").glob("tiny-small-*"))
+    for d in candidates:
+        if d and (d / "config.json").is_file() and (d / "model.safetensors").is_file():
+            return (AutoModelForCausalLM.from_pretrained(d, local_files_only=True),
+                    AutoTokenizer.from_pretrained(d, local_files_only=True), f"pretrained: {d.name}")
+    model, tok = tiny.init_model("small", seed=0)
+    return model, tok, "random init (small preset shape; no pretrained build found)"
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+# --- (a) the peer: transformers generate ------------------------------------------------------------------------
+def hf_generate(model, tok, prompts, n, new_tokens, seed, eos=True, max_new=None, stop_ids=None):
+    """model.generate over left-padded prompts; returns the new token ids per sample (pads stripped)."""
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(seed)
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n, pad_token_id=tok.pad_token_id)
+    if eos:
+        kw.update(max_new_tokens=max_new or new_tokens, eos_token_id=stop_ids or [tok.eos_token_id])
+    else:
+        kw.update(max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None)
+    with torch.inference_mode():
+        out = model.generate(**enc, **kw)
+    return out[:, enc["input_ids"].shape[1]:].tolist()
+
+
+# --- (b) the naive s1 procedure ------------------------------------------------------------------------------------
+def naive_s1(model, tok, prompts, n, fmt, budget: Budget, seed):
+    """s1's budget forcing with repeated generate calls on re-encoded text. Returns sampled-token count."""
+    close_id = tok.convert_tokens_to_ids(fmt.think_close)
+    eos = tok.eos_token_id
+    texts = [p for p in prompts for _ in range(n)]
+    left = [budget.max_thinking_tokens] * len(texts)  # thinking budget left per row
+    sampled = 0
+    active = list(range(len(texts)))
+    for round_ in range(budget.extensions + 1):
+        if not active:
+            break
+        outs = hf_generate(model, tok, [texts[i] for i in active], 1, None, seed + round_,
+                           max_new=max(left[i] for i in active), stop_ids=[eos, close_id])
+        still = []
+        for i, ids in zip(active, outs):
+            ids = [t for t in ids if t != tok.pad_token_id][: left[i]]
+            ended = bool(ids) and ids[-1] in (eos, close_id)
+            body = ids[:-1] if ended else ids
+            sampled += len(ids)
+            left[i] -= len(ids)
+            texts[i] += tok.decode(body, skip_special_tokens=False)
+            if ended and round_ < budget.extensions and left[i] > 0:
+                texts[i] += budget.extension_string  # suppress the end, append "Wait", re-encode next round
+                still.append(i)
+            else:
+                texts[i] += fmt.think_close + budget.answer_prefix  # forced (or kept) end of thinking
+        active = still
+    answers = hf_generate(model, tok, texts, 1, None, seed + 99, max_new=budget.max_answer_tokens, stop_ids=[eos])
+    sampled += sum(len([t for t in a if t != tok.pad_token_id]) for a in answers)
+    return sampled
+
+
+def figures(outs, wall: float) -> dict:
+    sampled = sum(o.meta["sampled_tokens"] for o in outs)
+    return {"wall_s": round(wall, 3), "completions": len(outs), "sampled_tokens": sampled,
+            "output_tokens": sum(len(o.token_ids) for o in outs), "sampled_tokens_per_s": round(sampled / wall, 1),
+            "mean_thinking_tokens": round(sum(o.thinking_tokens for o in outs) / len(outs), 1),
+            "mean_extensions": round(sum(o.extensions for o in outs) / len(outs), 2),
+            "forced_share": round(sum(o.meta["forced"] for o in outs) / len(outs), 3)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="a small tiny model directory (default: .cache/tiny build or random)")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--quick", action="store_true", help="a small smoke run (8 prompts x 2, 32 tokens); no JSON")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_generate.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.prompts, args.n, args.new_tokens = 8, 2, 32
+    torch.set_num_threads(args.threads)
+    base, tok, origin = load_small(args.model)
+    fmt = get_format("tinyzero")
+    prompts = [fmt.prompt(p.prompt) for p in get_task("countdown").generate(args.prompts, seed=0)]
+    P, n, T = args.prompts, args.n, args.new_tokens
+    results, ratios = {}, {}
+
+    # (a) plain sampling, fp32 and bf16
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        model = base.to(dtype).eval()
+        engine = TorchEngine(model, tok, eos_token_ids=[])  # end-of-text ignored: exactly T tokens per row
+        sampling = Sampling(temperature=1.0, max_tokens=T, seed=0)
+        engine.generate(prompts[:4], sampling.model_copy(update={"max_tokens": 8}), n=2)  # warm-up
+        hf_generate(model, tok, prompts[:4], 2, 8, 0, eos=False)
+        outs, wall = timed(lambda: engine.generate(prompts, sampling, n=n))
+        ours = sum(len(o.token_ids) for o in outs)
+        print(f"(a) {name} ours: {ours} tokens in {wall:.1f} s = {ours / wall:.0f} tok/s", file=sys.stderr)
+        gen, gwall = timed(lambda: hf_generate(model, tok, prompts, n, T, 0, eos=False))
+        theirs = sum(len(g) for g in gen)
+        print(f"(a) {name} generate: {theirs} tokens in {gwall:.1f} s = {theirs / gwall:.0f} tok/s", file=sys.stderr)
+        results[f"a_sampling_{name}"] = {
+            "ours": {"tokens": ours, "wall_s": round(wall, 3), "tokens_per_s": round(ours / wall, 1)},
+            "transformers_generate": {"tokens": theirs, "wall_s": round(gwall, 3),
+                                      "tokens_per_s": round(theirs / gwall, 1)}}
+        ratios[f"a_ours_over_generate_{name}"] = round((ours / wall) / (theirs / gwall), 2)
+
+    # (b) budget forcing with 4 extensions vs the naive re-encode procedure (float32)
+    model = base.to(torch.float32).eval()
+    engine = TorchEngine(model, tok)
+    budget = Budget(max_thinking_tokens=256, extensions=4, max_answer_tokens=32)
+    sampling = Sampling(temperature=1.0, max_tokens=1024, seed=0)
+    outs, wall = timed(lambda: engine.generate(prompts, sampling, n=n, budget=budget, fmt=fmt))
+    ours_b = figures(outs, wall)
+    print(f"(b) ours: {ours_b}", file=sys.stderr)
+    sampled, nwall = timed(lambda: naive_s1(model, tok, prompts, n, fmt, budget, 0))
+    naive_b = {"wall_s": round(nwall, 3), "sampled_tokens": sampled, "sampled_tokens_per_s": round(sampled / nwall, 1)}
+    print(f"(b) naive: {naive_b}", file=sys.stderr)
+    results["b_budget_4_extensions"] = {"budget": budget.model_dump(), "ours": ours_b, "naive_s1_generate": naive_b}
+    ratios["b_ours_over_naive_tokens_per_s"] = round(ours_b["sampled_tokens_per_s"] / naive_b["sampled_tokens_per_s"], 2)
+
+    # (c) forced vs unforced, the same sampled tokens per row (end-of-text ignored)
+    engine = TorchEngine(model, tok, eos_token_ids=[])
+    forced_budget = Budget(min_thinking_tokens=T, max_thinking_tokens=T, max_answer_tokens=32)
+    forced, fwall = timed(lambda: engine.generate(prompts, Sampling(temperature=1.0, max_tokens=4 * T, seed=0), n=n,
+                                                  budget=forced_budget, fmt=fmt))
+    per_row = T + 32
+    plain, pwall = timed(lambda: engine.generate(prompts, Sampling(temperature=1.0, max_tokens=per_row, seed=0), n=n,
+                                                 fmt=fmt))
+    f_fig, p_fig = figures(forced, fwall), figures(plain, pwall)
+    print(f"(c) forced: {f_fig}\n(c) unforced: {p_fig}", file=sys.stderr)
+    results["c_forced_vs_unforced"] = {"budget": forced_budget.model_dump(), "forced": f_fig, "unforced": p_fig}
+    ratios["c_forcing_overhead"] = round(p_fig["sampled_tokens_per_s"] / f_fig["sampled_tokens_per_s"] - 1, 3)
+
+    report = {
+        "benchmark": "bench_generate",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "transformers": __import__("transformers").__version__,
+                    "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
+        "settings": {"model": origin, "preset": "small",
+                     "parameters": sum(p.numel() for p in base.parameters()),
+                     "prompts": P, "samples_per_prompt": n, "new_tokens": T, "temperature": 1.0,
+                     "task": "countdown", "format": "tinyzero", "peer": "transformers model.generate",
+                     "attention": {"ours": "budgetthink_rows (sdpa, grouped heads folded)",
+                                   "generate": base.config._attn_implementation}},
+        "results": results,
+        "ratios": ratios,
+        "targets": {"a": ">= 3x generate in the same dtype", "b": ">= 3x naive", "c": "<= 10% overhead"},
+        "notes": "Single timed run per side on a 2-core machine shared with other jobs (see load average): "
+                 "figures are noisy; ratios compare sides run back to back in one process.",
+    }
+    print(json.dumps(ratios, indent=2))
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
