@@ -85,6 +85,7 @@ def main():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
+    load_before = os.getloadavg()[0]  # other work on the machine skews the figures: recorded beside them
     code = (f"from budgetthink.serve import run; run({args.model!r}, '127.0.0.1', {port}, "
             f"max_batch={args.max_batch}, max_queue=1024)")
     server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -116,7 +117,8 @@ def main():
     report = {
         "benchmark": "bench_serve",
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "load_average_1m_before": load_before, "load_average_1m_after": os.getloadavg()[0]},
         "settings": {"model": args.model, "requests_per_level": len(prompts), "max_tokens": args.max_tokens,
                      "temperature": 1.0, "server_max_batch": args.max_batch, "engine": "torch",
                      "endpoint": "/v1/completions", "client": "httpx asyncio, same machine, separate process"},

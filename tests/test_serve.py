@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from budgetthink import engine as engines
 from budgetthink.engine import Budget, Sampling
+from budgetthink.errors import UserError
 from budgetthink.formats import get_format
 from budgetthink.serve import create_app
 
@@ -73,11 +74,15 @@ class Gated:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, prompts, *args, **kwargs):
         self.calls += 1
         self.entered.set()
         assert self.gate.wait(30)
-        return self.engine.generate(*args, **kwargs)
+        if any("refuse" in p for p in prompts):  # what an engine does with input it cannot take
+            raise UserError("prompt 0 cannot be generated; change it")
+        if any("crash" in p for p in prompts):  # an engine bug
+            raise RuntimeError("simulated engine failure")
+        return self.engine.generate(prompts, *args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +313,29 @@ def test_queue_full_is_429_and_disconnects_free_their_slot(engine):
             time.sleep(0.2)
             assert gated.calls == calls  # neither of the departed requests reached the engine
         assert s.http.post("/v1/completions", json=body, timeout=60).status_code == 200
+
+
+def test_engine_errors_fail_only_their_request(engine):
+    """A request the engine refuses gets 400 without failing its batch-mates; an engine crash is a 500 for its
+    batch, and the server goes on serving."""
+    gated = Gated(engine)
+    with Server(create_app(gated, NAME, FMT, max_batch=8, window=0)) as s:
+        body = {"model": NAME, "max_tokens": 3, "temperature": 1.0}
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(s.http.post, "/v1/completions", json={**body, "prompt": "1"})
+            assert gated.entered.wait(10)  # held in the engine: the next three queue up and share one batch
+            rest = [pool.submit(s.http.post, "/v1/completions", json={**body, "prompt": p})
+                    for p in ("2", "refuse this", "3")]
+            deadline = time.time() + 10
+            while s.metric("budgetthink_queue_depth") < 3:
+                assert time.time() < deadline
+                time.sleep(0.02)
+            gated.gate.set()
+            assert [f.result().status_code for f in [first, *rest]] == [200, 200, 400, 200]
+            assert rest[1].result().json()["error"]["message"] == "prompt 0 cannot be generated; change it"
+        err = error_of(s.http.post("/v1/completions", json={**body, "prompt": "crash"}), 500)
+        assert err["type"] == "server_error" and "simulated engine failure" in err["message"]
+        assert s.http.post("/v1/completions", json={**body, "prompt": "4"}).status_code == 200
 
 
 # --- fuzz and load --------------------------------------------------------------------------------------

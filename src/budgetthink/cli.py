@@ -3,6 +3,7 @@
     budgetthink --help
 """
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -196,6 +197,7 @@ def eval_(model: Annotated[list[str], typer.Option(help="Model directory (repeat
           budget_in_prompt: Annotated[bool, typer.Option(help="State each budget in the prompt.")] = False,
           force: Annotated[bool, typer.Option(help="Enforce the budget by budget forcing.")] = True,
           engine: Annotated[str, typer.Option(help="torch or vllm.")] = "torch", format: Format = "tinyzero",
+          methods: Annotated[Optional[str], typer.Option(help="Several of forced,stated,stated+forced in one report.")] = None,
           temperature: Annotated[float, typer.Option(help="Temperature for the K samples.")] = 1.0,
           max_answer_tokens: MaxAnswer = 64, options: TaskOptions = None):
     """Test-time scaling report: accuracy over thinking budgets, s1's metrics, majority vote; PNG + HTML."""
@@ -204,7 +206,7 @@ def eval_(model: Annotated[list[str], typer.Option(help="Model directory (repeat
     results = run(model, task, n, seed, parse_ints(budgets, "--budgets"), parse_ints(extensions, "--extensions"),
                   samples=samples, out=out, budget_in_prompt=budget_in_prompt, force=force, engine=engine, fmt=format,
                   task_options=_options(options), max_answer_tokens=max_answer_tokens, temperature=temperature,
-                  command=" ".join(["budgetthink", *sys.argv[1:]]))
+                  methods=methods.split(",") if methods else None, command=shlex.join(["budgetthink", *sys.argv[1:]]))
     print(summary_text(results))
 
 

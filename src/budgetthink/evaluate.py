@@ -302,14 +302,14 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     lines = list(dict.fromkeys((r["model"], r["method"]) for r in results["rows"]))
-    xs_all = []
+    xs_all, notes = [], {}  # notes: (x, y, colour, below) -> labels of the points drawn there
 
-    def draw(points, labels, style, marker, color, label, dy):
+    def draw(points, labels, style, marker, color, label, below):
         xs, ys = [max(x, 0.5) for x, _ in points], [y for _, y in points]  # 0.5: a zero stays on a log axis
         xs_all.extend(xs)
         ax.plot(xs, ys, style, marker=marker, color=color, label=label, lw=2 if style != "--" else 1.5)
         for text, x, y in zip(labels, xs, ys):
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=7, color=color)
+            notes.setdefault((round(x, 1), round(y, 1), color, below), []).append(text)
 
     for i, (model, method) in enumerate(lines):
         color, name = colors[i % len(colors)], f"{_short(model)}: {METHOD_LABELS[method]}"
@@ -317,15 +317,22 @@ def plot(results: dict, path: Path) -> None:
         seq = [r for r in rows if r["kind"] == "budget"]  # rows come sorted by budget
         if seq:
             draw([(r["thinking_tokens"], r["accuracy"]) for r in seq], [r["setting"] for r in seq], "-", "o",
-                 color, name, 5)
+                 color, name, False)
         ext = [r for r in rows if r["kind"] == "ext"]
         if ext:
             draw([(r["thinking_tokens"], r["accuracy"]) for r in ext], [r["setting"] for r in ext], ":", "s",
-                 color, f"{_short(model)}: extensions (\"{results.get('extension_string', 'Wait')}\")", 5)
+                 color, f"{_short(model)}: extensions (\"{results.get('extension_string', 'Wait')}\")", False)
         par = [p for p in results["parallel"] if (p["model"], p["method"]) == (model, method)]
         if par:
             draw([(p["total_thinking_tokens"], p["majority_accuracy"]) for p in par], [f"k={p['k']}" for p in par],
-                 "--", "^", color, f"{name}, majority vote (B={par[0]['budget']})", -11)
+                 "--", "^", color, f"{name}, majority vote (B={par[0]['budget']})", True)
+    # one label per spot and colour ("B=128, ext=0" where two settings coincide); colours at one spot stack
+    stack: dict[tuple, int] = {}
+    for (x, y, color, below), texts in notes.items():
+        level = stack[(x, y, below)] = stack.get((x, y, below), -1) + 1
+        dy = -11 - 9 * level if below else 5 + 9 * level
+        ax.annotate(", ".join(dict.fromkeys(texts)), (x, y), textcoords="offset points", xytext=(5, dy),
+                    fontsize=7, color=color)
     if xs_all and max(xs_all) / min(xs_all) > 4:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))

@@ -228,7 +228,6 @@ class Job:
     budget: Budget
     future: asyncio.Future
     key: str = ""  # requests with equal keys may share an engine call
-    cancelled: bool = False
 
     @property
     def rows(self) -> int:
@@ -281,7 +280,6 @@ class Batcher:
 
     def cancel(self, job: Job):
         """The client is gone: drop the job if it has not started (a running batch finishes and is discarded)."""
-        job.cancelled = True
         if job in self.waiting:
             self.waiting.remove(job)
 
@@ -343,7 +341,8 @@ class Batcher:
                     try:
                         await self.run([job])
                     except APIError as err:
-                        job.future.set_exception(err)
+                        if not job.future.done():
+                            job.future.set_exception(err)
                 return
             raise APIError(400, str(e), code="invalid_request") from e
         self.metrics.engine_seconds += time.perf_counter() - t0

@@ -161,7 +161,7 @@ class Schedule(BaseModel):
 
 
 SCHEDULES = {
-    "test": Schedule(steps=150, batch_size=32, lr=3e-3, warmup_steps=15, train_problems=2000, eval_problems=32,
+    "test": Schedule(steps=400, batch_size=16, lr=3e-3, warmup_steps=20, train_problems=2000, eval_problems=32,
                      eval_max_tokens=200),
     "small": Schedule(steps=700, batch_size=32, lr=2e-3, warmup_steps=50),
 }

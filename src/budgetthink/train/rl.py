@@ -408,10 +408,16 @@ def forward_completions(model, batch: dict, dtype: str, share: bool = True) -> t
         return torch.cat([first, rest], 1)
 
 
-def policy_forward(model, batch: dict, temperature: float, entropy: bool, dtype: str, share: bool = True):
-    """(log-probs [b, T], entropy [b, T] or None) of the completion tokens under `model`."""
+def policy_forward(model, batch: dict, temperature: float, entropy: bool, dtype: str, share: bool = True,
+                   entropy_grad: bool = False):
+    """(log-probs [b, T], entropy [b, T] or None) of the completion tokens under `model`; the entropy carries
+    a gradient only with entropy_grad (an entropy bonus), else it is a metric computed without one."""
     logits = forward_completions(model, batch, dtype, share).float() / temperature  # [b, T, V]
-    return L.token_logprobs(logits, batch["resp"]), (L.entropy_from_logits(logits) if entropy else None)
+    ent = None
+    if entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            ent = L.entropy_from_logits(logits if entropy_grad else logits.detach())
+    return L.token_logprobs(logits, batch["resp"]), ent
 
 
 def critic_forward(critic, batch: dict, dtype: str, share: bool = True) -> torch.Tensor:
@@ -462,6 +468,7 @@ def score_batch(run: Run, rows: list[Rollout], need_old: bool) -> dict:
     if cfg.algorithm == "ppo":
         out["values"] = _pad_cat(val, T)
         adv, out["returns"] = L.gae(rew, out["values"], mask, cfg.gamma, cfg.lam)
+        out["adv_mean"] = L.masked_mean(adv, mask)  # before whitening (after it, the mean is 0)
         out["adv"] = L.whiten(adv, mask) if cfg.whiten_advantages else adv
     elif cfg.algorithm == "reinforce_pp":
         out["adv"] = L.reinforce_pp_advantages(rew, mask, cfg.gamma)
@@ -485,7 +492,9 @@ def update(run: Run, rows: list[Rollout], step: int) -> dict:
     gen = torch.Generator().manual_seed(_mix(cfg.seed, step, 7))
     run.model.train()
     for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(B, generator=gen).tolist() if (cfg.ppo_epochs > 1 or mb_size < B) else list(range(B))
+        order = list(range(B))
+        if cfg.ppo_epochs > 1 or mb_size < B:  # shuffle whole groups, so a micro-batch still shares prompts
+            order = [g * cfg.n + j for g in torch.randperm(B // cfg.n, generator=gen).tolist() for j in range(cfg.n)]
         for mb in _micro(order, mb_size):
             mb_tokens = float(data["mask"][mb].sum().clamp(min=1.0))
             if train_actor:
@@ -504,7 +513,7 @@ def update(run: Run, rows: list[Rollout], step: int) -> dict:
                 if run.critic is not None:
                     values = critic_forward(run.critic, batch, cfg.dtype, share=not cfg.gradient_checkpointing)
                     vl, vclip = L.value_loss(values, pick["values"], pick["returns"], cfg.critic.value_clip)
-                    vloss = L.aggregate(vl, mask, "token-mean")
+                    vloss = L.aggregate(vl, mask, "token-mean")  # the critic's loss is always a token mean
                     check_finite(step, run.last_ckpt, value_loss=vloss.item())
                     (vloss * (float(mask.sum()) / mb_tokens)).backward()
                     stats.setdefault("value_loss", []).append(vloss.item())
@@ -530,7 +539,7 @@ def update(run: Run, rows: list[Rollout], step: int) -> dict:
         result |= {"explained_var": L.explained_variance(data["values"], data["returns"], mask),
                    "value_mean": L.masked_mean(data["values"], mask).item(),
                    "return_mean": L.masked_mean(data["returns"], mask).item()}
-    result["adv_mean"] = L.masked_mean(data["adv"], mask).item()
+    result["adv_mean"] = data.get("adv_mean", L.masked_mean(data["adv"], mask)).item()
     if "kl_reward" in data:
         result["kl"] = data["kl_reward"].item()
         result["kl_coef"] = run.kl.coef
@@ -543,9 +552,7 @@ def _actor_micro(run: Run, batch: dict, pick: dict, weight: float, stats: dict, 
     cfg = run.cfg
     mask = pick["mask"]
     logp, ent = policy_forward(run.model, batch, cfg.temperature, entropy=True, dtype=cfg.dtype,
-                               share=not cfg.gradient_checkpointing)
-    if cfg.entropy_coef == 0:
-        ent = ent.detach()
+                               share=not cfg.gradient_checkpointing, entropy_grad=cfg.entropy_coef > 0)
     old = pick["old_logp"] if "old_logp" in pick else logp.detach()
     pg, clipped = L.policy_loss(logp, old, pick["adv"], cfg.clip_low, cfg.clip_high, cfg.dual_clip)
     agg = lambda x: L.aggregate(x, mask, cfg.loss_agg, norm_len=cfg.max_response_tokens)  # noqa: E731
