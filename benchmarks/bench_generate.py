@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+from budgetthink.engine import Budget, Sampling
+from budgetthink.engine.torch import TorchEngine
+from budgetthink.formats import get_format
+from budgetthink.tasks import get_task
 
-from budgetthink.engine import Budget, Sampling  # noqa: E402
-from budgetthink.engine.torch import TorchEngine  # noqa: E402
-from budgetthink.formats import get_format  # noqa: E402
-from budgetthink.tasks import get_task  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_small(model_dir: Path | None):
@@ -66,7 +65,8 @@ def hf_generate(model, tok, prompts, n, new_tokens, seed, eos=True, max_new=None
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(seed)
-    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n, pad_token_id=tok.pad_token_id)
+    kw = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "num_return_sequences": n,
+          "pad_token_id": tok.pad_token_id}
     if eos:
         kw.update(max_new_tokens=max_new or new_tokens, eos_token_id=stop_ids or [tok.eos_token_id])
     else:
@@ -144,10 +144,10 @@ def main() -> int:
         sampling = Sampling(temperature=1.0, max_tokens=T, seed=0)
         engine.generate(prompts[:4], sampling.model_copy(update={"max_tokens": 8}), n=2)  # warm-up
         hf_generate(model, tok, prompts[:4], 2, 8, 0, eos=False)
-        outs, wall = timed(lambda: engine.generate(prompts, sampling, n=n))
+        outs, wall = timed(lambda e=engine, s=sampling: e.generate(prompts, s, n=n))
         ours = sum(len(o.token_ids) for o in outs)
         print(f"(a) {name} ours: {ours} tokens in {wall:.1f} s = {ours / wall:.0f} tok/s", file=sys.stderr)
-        gen, gwall = timed(lambda: hf_generate(model, tok, prompts, n, T, 0, eos=False))
+        gen, gwall = timed(lambda m=model: hf_generate(m, tok, prompts, n, T, 0, eos=False))
         theirs = sum(len(g) for g in gen)
         print(f"(a) {name} generate: {theirs} tokens in {gwall:.1f} s = {theirs / gwall:.0f} tok/s", file=sys.stderr)
         results[f"a_sampling_{name}"] = {

@@ -1,6 +1,6 @@
 """Serving throughput: requests per second and p50/p99 latency at concurrency 1 and 16 against one server.
 
-    python benchmarks/bench_serve.py [--model DIR | --preset test|small] [--requests 48] [--max-tokens 32]
+    python benchmarks/bench_serve.py [--model DIR | --preset test|small] [--requests 96] [--max-tokens 32]
 
 The server (`budgetthink.serve.run`, torch engine) runs in a subprocess on 127.0.0.1; this process is the
 client (httpx, asyncio). Every request is the same kind of /v1/completions call (temperature 1, no seed, so
@@ -71,9 +71,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="model directory (default: the tiny model of --preset, built if needed)")
     ap.add_argument("--preset", default="test", help="tiny preset when --model is not given: test or small")
-    ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    ap.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
     ap.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request")
     ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="the server's intra-op threads (OMP_NUM_THREADS); a tiny model gains nothing from more, "
+                         "and on a busy machine more threads spin against other work")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_serve.json"))
     args = ap.parse_args()
 
@@ -88,7 +91,8 @@ def main():
     load_before = os.getloadavg()[0]  # other work on the machine skews the figures: recorded beside them
     code = (f"from budgetthink.serve import run; run({args.model!r}, '127.0.0.1', {port}, "
             f"max_batch={args.max_batch}, max_queue=1024)")
-    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.torch_threads)}
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.time() + 120
         while True:
@@ -99,7 +103,7 @@ def main():
                 if server.poll() is not None or time.time() > deadline:
                     sys.exit("the server did not start")
                 time.sleep(0.2)
-        prompts = [f"{a}*{b}=" for a in range(10, 99, 7) for b in range(3, 9)][:args.requests]
+        prompts = [f"{10 + i % 90}*{3 + i // 90}=" for i in range(args.requests)]  # distinct short prompts
         asyncio.run(level(url, args.model, 4, prompts[:8], args.max_tokens))  # warm-up
         results = {}
         for c in (1, 16):
@@ -117,10 +121,11 @@ def main():
     report = {
         "benchmark": "bench_serve",
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
                     "load_average_1m_before": load_before, "load_average_1m_after": os.getloadavg()[0]},
         "settings": {"model": args.model, "requests_per_level": len(prompts), "max_tokens": args.max_tokens,
                      "temperature": 1.0, "server_max_batch": args.max_batch, "engine": "torch",
+                     "server_torch_threads": args.torch_threads,
                      "endpoint": "/v1/completions", "client": "httpx asyncio, same machine, separate process"},
         "concurrency_1": results[1],
         "concurrency_16": results[16],

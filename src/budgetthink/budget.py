@@ -2,8 +2,9 @@
 
     forcing = Forcing(tokenizer, fmt, budget, sampling, eos_ids, rows=B, vocab=V, device=dev, context=C)
     out_ids = forcing.start_ids()              # what follows the prompt before the first sample ([] or a forced end)
-    ... every step: the engine samples x [B], appends it to each live row's output, then
-    edits = forcing.advance(x, out_tok, out_len, prompt_len)   # {row: (tokens to drop from the end, ids to append)}
+    ... every step: the engine samples x [B] for the `ready` rows (whose sequence is all in the cache),
+    appends it to their output, then
+    edits = forcing.advance(x, out_tok, out_len, prompt_len, ready)   # {row: (tokens to drop, ids to append)}
 
 The engine owns the mechanics (KV cache, batching, sampling); this module owns the rules: which phase each
 row is in (thinking or answer), how many tokens it has sampled, when an end of thinking is removed and the
@@ -133,7 +134,7 @@ class Forcing:
         self.stop_cand = candidate_ids(tokenizer, self.stops, vocab).to(device) if self.stops else None
         self.max_insert = len(self.force_ids) + len(self.ext_ids) if self.on else 0  # ids one step can append
 
-        z = lambda dtype=torch.long: torch.zeros(rows, dtype=dtype, device=device)  # noqa: E731
+        z = lambda dtype=torch.long: torch.zeros(rows, dtype=dtype, device=device)
         self.thinking = z(torch.bool) | (fmt is not None)  # [B] in the thinking phase
         self.think_n, self.answer_n, self.sampled_n, self.ext_n = z(), z(), z(), z()  # [B] counts
         self.seg_start = z()  # [B] index in the output where the current sampled thinking segment starts
@@ -171,14 +172,16 @@ class Forcing:
         return "length" if by == MAX_ANSWER else "stop"
 
     # --- one decoding step -----------------------------------------------------------------------------------
-    def advance(self, x: torch.Tensor, out_tok: torch.Tensor, out_len: torch.Tensor, prompt_len: torch.Tensor):
-        """Apply the rules after every live row sampled x [B] (already appended: out_tok[r, out_len[r]-1] == x[r]).
+    def advance(self, x: torch.Tensor, out_tok: torch.Tensor, out_len: torch.Tensor, prompt_len: torch.Tensor,
+                ready: torch.Tensor):
+        """Apply the rules after the `ready` rows [B] sampled x [B] (appended: out_tok[r, out_len[r]-1] == x[r]).
 
-        out_tok [B, cap] and out_len [B] are the engine's output buffer (read here, not written); prompt_len [B].
-        Returns {row: (drop, insert_ids)}: drop that many tokens from the end of the row's output, then append
-        insert_ids as inserted (not sampled) tokens. Finished rows get stopped_by set.
+        Rows not ready (live, still feeding an inserted string) are left alone. out_tok [B, cap] and out_len [B]
+        are the engine's output buffer (read here, not written); prompt_len [B]. Returns {row: (drop, ids)}:
+        drop that many tokens from the end of the row's output, then append ids as inserted (not sampled)
+        tokens. Finished rows get stopped_by set.
         """
-        live = self.live
+        live = self.live & ready
         self.sampled_n += live
         eos = torch.isin(x, self.eos)
         think = self.thinking & live
@@ -225,18 +228,18 @@ class Forcing:
                         self.stopped_by[r] = STOP_STRING
 
         # caps, then the forced end at the maximum (for rows that go on)
-        live = self.live
+        live = self.live & ready
         self.stopped_by[live & (self.sampled_n >= self.sampling.max_tokens)] = MAX_TOKENS
         if self.on:
-            self.stopped_by[self.live & ~self.thinking & (self.answer_n >= self.budget.max_answer_tokens)] = MAX_ANSWER
+            self.stopped_by[live & ~self.thinking & (self.answer_n >= self.budget.max_answer_tokens)] = MAX_ANSWER
         grown = out_len + prompt_len  # [B] sequence length once this step's edits are applied
         if events:
             grown = grown.clone()
             for r, (drop, ins) in events.items():
                 grown[r] += len(ins) - drop
-        self.stopped_by[self.live & (grown >= self.context)] = CONTEXT
+        self.stopped_by[self.live & ready & (grown >= self.context)] = CONTEXT
         if self.on and self.budget.max_thinking_tokens is not None:
-            at_max = self.live & self.thinking & (self.think_n >= self.budget.max_thinking_tokens)
+            at_max = self.live & ready & self.thinking & (self.think_n >= self.budget.max_thinking_tokens)
             if bool(at_max.any()):
                 for r in at_max.nonzero().flatten().tolist():
                     drop, ins = events.get(r, (0, []))

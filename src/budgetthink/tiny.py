@@ -171,6 +171,7 @@ FORMAT = "tinyzero"
 EXTENSION = "Wait"  # what budget forcing appends by default (engine.Budget.extension_string)
 TARGET = {"format_rate_min": 0.5, "accuracy_min": 0.02, "accuracy_max": 0.4}  # for the `small` base
 EVAL_SEED_OFFSET = 1_000_003  # held-out problems: test split and a seed no training run uses
+RECIPE_VERSION = 1  # bump when the corpus or the training loop changes, so cached builds are redone
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,17 +377,18 @@ def greedy_check(model_dir: Path, seed: int, s: Schedule) -> dict:
 
 
 def settings(preset: str | Preset, seed: int, schedule: Schedule | None = None) -> dict:
-    """Everything a build depends on, including the source of this module and of the Countdown task."""
+    """Everything a build depends on: shape, schedule, seed, dtype, RECIPE_VERSION (the corpus and training
+    code here) and the source of the Countdown task and the formats (what the corpus is made of)."""
     from budgetthink import formats
     from budgetthink.tasks import countdown
 
     name = preset if isinstance(preset, str) else "custom"
     schedule = schedule or SCHEDULES.get(name) or SCHEDULES["small"]
     code = hashlib.sha256()
-    for module in (sys.modules[__name__], countdown, formats):
+    for module in (countdown, formats):
         code.update(Path(module.__file__).read_bytes())
     return {"preset": name, "shape": _preset(preset).model_dump(), "seed": seed, "schedule": schedule.model_dump(),
-            "dtype": train_dtype(schedule),
+            "dtype": train_dtype(schedule), "recipe_version": RECIPE_VERSION,
             "countdown": COUNTDOWN, "format": FORMAT, "code_sha256": code.hexdigest()}
 
 
@@ -465,8 +467,8 @@ def cached_build(preset: str = "test", cache_dir: Path = Path(".cache/tiny"), se
                  progress: bool = False) -> Path:
     """The directory of a build with these settings under `cache_dir`, building it first if there is none.
 
-    Builds are keyed by a hash of everything they depend on (shape, schedule, seed, and the source of this
-    module and of the Countdown task), so a changed recipe is rebuilt and an unchanged one is reused. A lock
+    Builds are keyed by a hash of everything they depend on (see `settings`), so a changed recipe is rebuilt
+    and an unchanged one is reused. A lock
     file keeps concurrent callers from building the same model twice.
     """
     import fcntl

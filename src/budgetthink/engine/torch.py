@@ -7,13 +7,15 @@
 A hand-written decoding loop (no `model.generate`), built for RL and evaluation on a CPU or one GPU:
 
 - **Per-row KV cache.** `RowCache` preallocates [B, kv_heads, capacity, head_dim] keys and values per layer;
-  row b's tokens sit compactly at 0..len[b]-1. Each forward feeds every row k[b] new tokens in a [B, L]
-  block (L = max k, usually 1), left-padded so the logits we need are always at the last slot; row b writes
-  its tokens at len[b].. and its pads just after them (overwritten later, never attended to). Rows can
-  therefore grow unevenly: budget forcing inserts a string into one row (feed its ids), or removes a
-  delimiter the model wrote (lower len[b]), without touching the others and without re-encoding anything.
-  The attention mask [B, 1, L, T] and the position ids are per row; the positions are logical (the row's
-  own token index), so a row's output never depends on what else is in the batch.
+  row b's tokens sit compactly at 0..len[b]-1. After the prefill, every step feeds each live row exactly one
+  token: the first token of its prompt + output that is not in its cache yet. Usually that is the token it
+  just sampled; after budget forcing inserted a string it is the string's next token (the row samples again
+  once the whole string is in), so an insertion costs what its tokens cost and never widens the batch.
+  Removing a delimiter the model wrote just lowers len[b]. Rows thus grow unevenly; the attention mask
+  [B, 1, L, T] and the position ids are per row, and positions are logical (the row's own token index), so
+  a row's output never depends on what else is in the batch. Nothing is ever re-encoded.
+- **Prefill** feeds [P, L] blocks, left-padded so that the logits needed are at the last slot; a row's pads
+  are written just after its tokens (overwritten later, never attended to).
 - **Attention** through a registered function ("budgetthink_rows") that folds grouped-query heads into the
   query length instead of repeating keys and values (the standard sdpa path copies the whole cache per
   layer and step when a mask is given). It is exact scaled-dot-product attention; models with sliding
@@ -57,7 +59,7 @@ def row_attention(module, query, key, value, attention_mask, scaling=None, dropo
     G = H // Hkv  # query heads per key/value head (head h uses kv head h // G)
     q = query.reshape(B, Hkv, G * L, D)
     mask = attention_mask
-    if G > 1:
+    if G > 1 and L > 1:  # (with one query per row the [B, 1, 1, T] mask broadcasts over the G folded heads)
         mask = mask[:, :, None].expand(B, 1, G, L, T).reshape(B, 1, G * L, T)
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)  # [B, Hkv, G*L, Dv]
     return out.reshape(B, H, L, -1).transpose(1, 2), None
@@ -216,7 +218,7 @@ class TorchEngine:
     # --- one batch ----------------------------------------------------------------------------------------------
     def _forward(self, cache: RowCache, ids: torch.Tensor, k: torch.Tensor, cache_len: torch.Tensor):
         """Feed ids [B, L] (row b's k[b] tokens left-padded) after cache_len [B] tokens -> last logits [B, V]."""
-        B, L = ids.shape
+        L = ids.shape[1]
         j = torch.arange(L, device=ids.device)
         valid = j[None, :] >= (L - k)[:, None]  # [B, L]
         pos = cache_len[:, None] + (j[None, :] + k[:, None]) % L  # [B, L]: valid slots in order, pads after them
@@ -261,33 +263,29 @@ class TorchEngine:
         row_id = first * n + torch.arange(B, device=dev)  # [B] index of each row in `results`
 
         while True:
+            # logits [B, V] are the next-token logits of the rows whose whole sequence is now in the cache
             B = len(row_id)
             rows = torch.arange(B, device=dev)
+            ready = forcing.live & (cache_len == plen + out_len)  # [B] rows that sample this step
             x, lp = sample(logits, sampling, generator)
             if int(out_len.max()) + 1 + forcing.max_insert > out_tok.shape[1]:  # room for this step's writes
                 grow = out_tok.shape[1]
                 out_tok = torch.cat([out_tok, out_tok.new_full((B, grow), self.pad)], 1)
                 out_lp = torch.cat([out_lp, out_lp.new_zeros(B, grow)], 1)
                 out_smp = torch.cat([out_smp, out_smp.new_zeros(B, grow)], 1)
-            live = forcing.live
-            out_tok[rows, out_len], out_lp[rows, out_len], out_smp[rows, out_len] = x, lp.float(), True
-            out_len += live
-            edits = forcing.advance(x, out_tok, out_len, plen)
+            at = torch.where(ready, out_len, out_tok.shape[1] - 1)  # rows not sampling write to a spare slot
+            out_tok[rows, at], out_lp[rows, at], out_smp[rows, at] = x, lp.float(), True
+            out_len += ready
+            edits = forcing.advance(x, out_tok, out_len, plen, ready)
             for r, (drop, ins) in edits.items():
-                at = int(out_len[r]) - drop
-                cache_len[r] = min(int(cache_len[r]), int(plen[r]) + at)  # a removed delimiter leaves the cache
+                end = int(out_len[r]) - drop
+                cache_len[r] = min(int(cache_len[r]), int(plen[r]) + end)  # a removed delimiter leaves the cache
                 m = len(ins)
-                out_tok[r, at:at + m] = torch.tensor(ins, dtype=torch.long, device=dev)
-                out_lp[r, at:at + m], out_smp[r, at:at + m] = 0.0, False
-                out_len[r] = at + m
+                out_tok[r, end:end + m] = torch.tensor(ins, dtype=torch.long, device=dev)
+                out_lp[r, end:end + m], out_smp[r, end:end + m] = 0.0, False
+                out_len[r] = end + m
 
-            # what each live row feeds next: the tokens of prompt + output not yet in its cache
             live = forcing.live
-            seq_len = plen + out_len
-            refeed = live & (cache_len == seq_len)  # nothing new (an empty insertion): recompute the last token
-            cache_len = cache_len - refeed.long()
-            k = torch.where(live, seq_len - cache_len, 0)
-
             done = int((~live).sum())
             if done == B:
                 self._collect(rows, row_id, out_tok, out_lp, out_smp, out_len, forcing, fmt, n, results)
@@ -299,14 +297,16 @@ class TorchEngine:
                 cache.select(keep)
                 forcing.select(keep)
                 out_tok, out_lp, out_smp, out_len = out_tok[keep], out_lp[keep], out_smp[keep], out_len[keep]
-                plen, last_prompt, row_id, cache_len, k = plen[keep], last_prompt[keep], row_id[keep], \
-                    cache_len[keep], k[keep]
-            L = int(k.max())
-            j = torch.arange(L, device=dev)
-            src = cache_len[:, None] + j[None, :] - (L - k)[:, None] - plen[:, None]  # [B, L] output index per slot
-            ids = out_tok.gather(1, src.clamp(min=0))
-            ids = torch.where(src < 0, last_prompt[:, None], ids)  # re-feeding the prompt's last token
-            ids = torch.where(j[None, :] >= (L - k)[:, None], ids, self.pad)
+                plen, last_prompt, row_id, cache_len = plen[keep], last_prompt[keep], row_id[keep], cache_len[keep]
+                live = live[keep]
+
+            # every live row feeds one token: the first of prompt + output not yet in its cache (inserted
+            # strings thus go in one token per step, as cheap as sampled ones, and never widen the batch)
+            refeed = live & (cache_len == plen + out_len)  # nothing pending (x dropped, nothing inserted)
+            cache_len = cache_len - refeed.long()  # recompute the last token to get its logits again
+            src = (cache_len - plen)[:, None]  # [B, 1] output index of the token to feed (-1: the prompt's last)
+            ids = torch.where(src < 0, last_prompt[:, None], out_tok.gather(1, src.clamp(min=0)))
+            k = live.long()
             logits = self._forward(cache, ids, k, cache_len)
             cache_len = cache_len + k
 

@@ -1,0 +1,145 @@
+"""Budget-aware RL against budget forcing on the tiny model: accuracy at each budget and control error of
+(a) plain RL + budget forcing and (b) budget-aware RL with the budget stated; writes
+benchmarks/results/bench_budget_rl.{json,png}.
+
+    python benchmarks/bench_budget_rl.py [--rl-model DIR] [--base DIR] [--minutes 10] [--n 200] \\
+        [--budgets 16,32,64,128] [--work DIR] [key=value ...]
+
+Both arms start from the same plain RL model (--rl-model; without it one is trained first with
+recipes/tiny-countdown-grpo.yaml from the `small` tiny base, `tiny.cached_build("small")`, for --minutes)
+and train for the same wall time, --minutes: (a) goes on with the plain GRPO recipe, (b) runs
+recipes/tiny-countdown-budget.yaml. Extra key=value overrides apply to (b). Then `evaluate.run` decodes
+greedily on the same N held-out problems (test split): (a) with method `forced` (budget forcing at B), (b) with
+`stated` (B in the prompt only, thinking cut at 4B so runs end) and `stated+forced`.
+
+Targets (issue 13): (b) stated at least as accurate as (a) at every budget and better at the two smallest;
+(b)'s control error under 15%; (b)'s accuracy non-decreasing in the budget. The JSON says which were met.
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from budgetthink import evaluate  # noqa: E402
+from budgetthink.config import load_config  # noqa: E402
+from budgetthink.jsonl import atomic_write_json, read_jsonl  # noqa: E402
+from budgetthink.train import rl  # noqa: E402
+
+GRPO, BUDGET = ROOT / "recipes" / "tiny-countdown-grpo.yaml", ROOT / "recipes" / "tiny-countdown-budget.yaml"
+
+
+def train(recipe: Path, model: Path, out: Path, minutes: float, overrides: list[str]) -> dict:
+    """Train `recipe` from `model` into `out` for `minutes` of wall time (resumed if `out` holds a run)."""
+    cfg = load_config(rl.RLConfig, recipe, [f"model={model}", f"max_minutes={minutes}", "max_steps=100000",
+                                            *overrides])
+    t = time.perf_counter()
+    done = (out / "model" / "config.json").exists()
+    records = read_jsonl(out / "metrics.jsonl") if done else rl.train(cfg, out, resume=out.exists())
+    return {"recipe": str(recipe.relative_to(ROOT)), "from": str(model), "steps": len(records),
+            "wall_s": round(time.perf_counter() - t, 1) if not done else None,
+            "train_s": round(sum(r["step_s"] for r in records), 1), "model": str(out / "model"),
+            "last_metrics": {k: v for k, v in records[-1].items() if not k.endswith("_s")} if records else {}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rl-model", type=Path, default=None, help="plain RL model both arms start from")
+    ap.add_argument("--base", type=Path, default=None, help="tiny base to train the plain RL model from")
+    ap.add_argument("--minutes", type=float, default=10.0, help="training wall time of each arm")
+    ap.add_argument("--n", type=int, default=200, help="held-out problems")
+    ap.add_argument("--seed", type=int, default=4242, help="seed of the held-out problems")
+    ap.add_argument("--budgets", default="16,32,64,128")
+    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench_budget_rl", help="runs and evals")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_budget_rl.json")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    budgets = evaluate.parse_ints(args.budgets, "--budgets")
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    runs = {}
+    if args.rl_model is None:
+        base = args.base
+        if base is None:
+            from budgetthink import tiny
+
+            base = tiny.cached_build("small", ROOT / ".cache" / "tiny", progress=True)
+        runs["plain_rl"] = train(GRPO, base, work / "plain", args.minutes, [])
+        args.rl_model = Path(runs["plain_rl"]["model"])
+    runs["a"] = train(GRPO, args.rl_model, work / "a-plain-more", args.minutes, ["seed=1"])
+    runs["b"] = train(BUDGET, args.rl_model, work / "b-budget", args.minutes, args.overrides)
+
+    cfg = load_config(rl.RLConfig, BUDGET)
+    common = dict(task=cfg.task, n=args.n, seed=args.seed, budgets=budgets, fmt=cfg.format,
+                  task_options={**cfg.task_options, "split": "test"}, max_answer_tokens=64,
+                  command=" ".join(["python", "benchmarks/bench_budget_rl.py", *sys.argv[1:]]))
+    ev_a = evaluate.run([runs["a"]["model"]], out=work / "eval-a", methods=["forced"], **common)
+    ev_b = evaluate.run([runs["b"]["model"]], out=work / "eval-b", methods=["stated", "stated+forced"], **common)
+
+    def arm(ev, method):
+        rows = {r["budget"]: r for r in ev["rows"] if r["method"] == method and r["kind"] == "budget"}
+        s = next(s for s in ev["summary"] if s["method"] == method)
+        return {"accuracy": [rows[b]["accuracy"] for b in budgets],
+                "thinking_tokens": [rows[b]["thinking_tokens"] for b in budgets],
+                "control_error": s["control_error"], "control": s["control"], "scaling": s["scaling"],
+                "performance": s["performance"]}
+
+    arms = {"a: plain RL + forcing": arm(ev_a, "forced"), "b: budget RL, stated": arm(ev_b, "stated"),
+            "b: budget RL, stated+forced": arm(ev_b, "stated+forced")}
+    a, b = arms["a: plain RL + forcing"], arms["b: budget RL, stated"]
+    targets = {
+        "b_at_least_a_every_budget": all(y >= x for x, y in zip(a["accuracy"], b["accuracy"])),
+        "b_better_at_two_smallest": all(y > x for x, y in zip(a["accuracy"][:2], b["accuracy"][:2])),
+        "b_control_error_under_15pct": b["control_error"] is not None and b["control_error"] < 0.15,
+        "b_monotone_in_budget": all(y >= x for x, y in zip(b["accuracy"], b["accuracy"][1:])),
+    }
+    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cores": os.cpu_count(),
+                          "torch_threads": __import__("torch").get_num_threads()},
+              "settings": {"minutes": args.minutes, "n": args.n, "seed": args.seed, "budgets": budgets,
+                           "rl_model": str(args.rl_model), "overrides": args.overrides},
+              "runs": runs, "arms": arms, "targets": targets, "wall_s": round(time.perf_counter() - t0, 1)}
+    atomic_write_json(args.out, result)
+    plot(arms, budgets, args.out.with_suffix(".png"))
+    for name, v in arms.items():
+        print(f"{name:<30} accuracy % {' '.join(f'{x:5.1f}' for x in v['accuracy'])}   thinking "
+              f"{' '.join(f'{x:5.1f}' for x in v['thinking_tokens'])}   control error "
+              f"{v['control_error']:.3f}")
+    print("targets: " + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in targets.items()))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def plot(arms: dict, budgets: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc, used) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, v in arms.items():
+        acc.plot(budgets, v["accuracy"], marker="o", label=name)
+        used.plot(budgets, v["thinking_tokens"], marker="o", label=f"{name} (control error {v['control_error']:.2f})")
+    used.plot(budgets, budgets, color="grey", linestyle=":", label="used = B")
+    for ax in (acc, used):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_xlabel("thinking budget B (tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    acc.set_ylabel("greedy held-out accuracy (%)")
+    used.set_ylabel("mean thinking tokens used")
+    acc.set_title("Accuracy at each budget")
+    used.set_title("Thinking used against the budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
