@@ -18,6 +18,18 @@ def _pool(sizes: dict[str, int], seed: int = 0):
     return [(f"{d}-{i}", d, rng.randint(10, 10_000)) for d, m in sizes.items() for i in range(m)]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread while the tiny model runs: on a busy 2-core machine, torch's thread pool spins and
+    a 64-wide model decodes ~100x slower with 2 threads than with 1 (measured: 30 s against 0.3 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---- the selection ----------------------------------------------------------------------------------------
 def test_every_domain_is_represented_when_n_reaches_the_domains():
     sizes = {"algebra": 40, "geometry": 3, "number": 1, "combinatorics": 25, "calculus": 2, "logic": 7, "prob": 12}
@@ -169,7 +181,7 @@ def test_clusters_and_bad_options(tmp_path):
 
 
 # ---- difficulty: a model that really solves some problems ------------------------------------------------
-def _memorize(model_dir, prompts: list[str], targets: list[str], out, steps: int = 120) -> float:
+def _memorize(model_dir, prompts: list[str], targets: list[str], out, steps: int = 100) -> float:
     """A copy of the tiny model trained on prompt -> target until greedy decoding reproduces the targets.
     Returns the last loss (over target tokens only)."""
     import torch
@@ -187,24 +199,19 @@ def _memorize(model_dir, prompts: list[str], targets: list[str], out, steps: int
         ids[i, :len(s)] = torch.tensor(s)
         mask[i, :len(s)] = 1
         labels[i, k:len(s)] = torch.tensor(s[k:])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 64-wide model: more threads only contend
-    try:
-        torch.manual_seed(0)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for _ in range(steps):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return loss.item()
 
 
-def test_difficulty_drops_what_a_model_solves(tmp_path, tiny_model_dir):
+def test_difficulty_drops_what_a_model_solves(tmp_path, tiny_model_dir, one_thread):
     from budgetthink.engine import Budget, Sampling, load_engine
     from budgetthink.formats import get_format
 

@@ -191,4 +191,6 @@ def test_budget_metrics_by_hand():
     assert m["over_budget"] == pytest.approx(0.5)
     assert (m["accuracy_B16"], m["accuracy_B32"], m["accuracy_B64"]) == (0.5, 1.0, None)
     assert (m["thinking_B16"], m["thinking_B32"], m["thinking_B64"]) == (18.0, 32.0, None)
+    assert m["thinking_mean"] == 25.0  # (16 + 20 + 40 + 24) / 4
+    assert budget_metrics(budgets, used, correct) == {"budget_error": 0.1875, "over_budget": 0.5, "thinking_mean": 25.0}
     assert budget_metrics([], [], [], []) == {}

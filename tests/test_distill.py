@@ -30,6 +30,18 @@ def _ids(path) -> Counter:
     return Counter(r["id"] for r in read_jsonl(path))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread while the tiny model runs: on a busy 2-core machine, torch's thread pool spins and
+    a 64-wide model decodes ~100x slower with 2 threads than with 1 (measured: 30 s against 0.3 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_teacher_spec_and_reply_parsing():
     assert parse_teacher("solver") == ("solver", None)
     assert parse_teacher("model:runs/tiny") == ("model", "runs/tiny")
@@ -89,7 +101,7 @@ def test_resume_after_a_crash_redoes_the_half_written_line(tmp_path):
     assert again["written"] == 0 and again["skipped"] == 20 and len(read_jsonl(out)) == 20
 
 
-def test_model_teacher_uses_the_engine_with_budgets(tmp_path, tiny_model_dir):
+def test_model_teacher_uses_the_engine_with_budgets(tmp_path, tiny_model_dir, one_thread):
     out = tmp_path / "m.jsonl"
     budget = Budget(max_thinking_tokens=6, max_answer_tokens=8)
     summary = distill("countdown", f"model:{tiny_model_dir}", 5, out, budget=budget, concurrency=2,
@@ -135,7 +147,7 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
+def server(tiny_model_dir, one_thread):
     from budgetthink.engine import load_engine
     from budgetthink.serve import create_app
 

@@ -10,6 +10,7 @@ engine also enforces it, how the reward is shaped by the thinking actually used,
         ...
     r = cur.shape(score.reward, used=completion.thinking_tokens, budget=B)
     m = budget_metrics(Bs_per_sample, used, correct, [cur.bucket(b) for b in Bs_per_sample], cur.labels())
+    m = rollout_metrics(cur, rollouts)                         # the same from the RL loop's rollouts
 
 Rewards (used = sampled thinking tokens, what budget forcing counts; base = the task's reward, 1 for a
 correct answer, less otherwise):
@@ -27,8 +28,8 @@ budgets is drawn as often as every other. Draws depend only on the generator giv
 seed).
 
 Metrics per step (`budget_metrics`): `budget_error` (mean |used - B| / B, the eval's control error),
-`over_budget` (share of samples with used > B), and per budget bucket `accuracy_<label>` and
-`thinking_<label>` (mean used). Buckets: one per listed budget (`B16`), or for a range `buckets`
+`over_budget` (share of samples with used > B), `thinking_mean`, and per budget bucket
+`accuracy_<label>` and `thinking_<label>` (mean used). Buckets: one per listed budget (`B16`), or for a range `buckets`
 log-spaced bins of whole budgets (`B16-31`).
 """
 
@@ -188,17 +189,27 @@ class BudgetCurriculum(Config):
 
 
 # --- metrics -----------------------------------------------------------------------------------------------------
-def budget_metrics(budgets: list[int], used: list[int], correct: list[bool], buckets: list[str],
+def budget_metrics(budgets: list[int], used: list[int], correct: list[bool], buckets: list[str] | None = None,
                    labels: list[str] = ()) -> dict:
-    """Per-sample budgets, thinking tokens used, correctness and bucket labels -> `budget_error` (mean
-    |used - B| / B), `over_budget` (share with used > B), and for each label `accuracy_<label>` and
-    `thinking_<label>` (None for a label no sample fell in, so every step logs the same keys)."""
+    """Per-sample budgets, thinking tokens used and correctness -> `budget_error` (mean |used - B| / B),
+    `over_budget` (share with used > B) and `thinking_mean`; with `buckets` (a label per sample), for each
+    label (of `labels`, then of `buckets`) `accuracy_<label>` and `thinking_<label>`, None for a label no
+    sample fell in, so that every step logs the same keys."""
     if not budgets:
         return {}
     out = {"budget_error": float(np.mean([abs(u - b) / b for u, b in zip(used, budgets, strict=True)])),
-           "over_budget": float(np.mean([u > b for u, b in zip(used, budgets)]))}
-    for label in dict.fromkeys([*labels, *buckets]):
+           "over_budget": float(np.mean([u > b for u, b in zip(used, budgets)])),
+           "thinking_mean": float(np.mean(used))}
+    for label in dict.fromkeys([*labels, *(buckets or [])]):
         pick = [i for i, x in enumerate(buckets) if x == label]
         out[f"accuracy_{label}"] = float(np.mean([bool(correct[i]) for i in pick])) if pick else None
         out[f"thinking_{label}"] = float(np.mean([used[i] for i in pick])) if pick else None
     return out
+
+
+def rollout_metrics(cur: BudgetCurriculum, rollouts: list) -> dict:
+    """`budget_metrics` of RL rollouts (each with .budget, .completion.thinking_tokens, .score.correct),
+    bucketed by the curriculum."""
+    budgets = [r.budget for r in rollouts]
+    return budget_metrics(budgets, [r.completion.thinking_tokens for r in rollouts],
+                          [r.score.correct for r in rollouts], [cur.bucket(b) for b in budgets], cur.labels())
