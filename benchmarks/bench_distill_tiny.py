@@ -95,6 +95,7 @@ def plot(result: dict, path: Path) -> None:
         ax.axhline(ev["unbudgeted"]["accuracy"], color=line.get_color(), lw=0.8, ls=":",
                    label=f"{name}: unbudgeted ({ev['unbudgeted']['accuracy']:.1f}%)")
     ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 100)
     ax.set_xlabel("mean thinking tokens per problem (labels: maximum budget B)")
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title(f"tiny s1: {result['settings']['curate_n']} curated solver traces -> SFT -> budget forcing")

@@ -45,8 +45,8 @@ def load_small(model_dir: Path | None):
     from budgetthink import tiny
 
     candidates = [model_dir] if model_dir else sorted((ROOT / ".cache" / "tiny").glob("tiny-small-*"))
-    for d in candidates:
-        if d and (d / "config.json").is_file() and (d / "model.safetensors").is_file():
+    for d in candidates:  # a finished build (a cached build writes build_report.json last)
+        if d and (d / "model.safetensors").is_file() and (model_dir or (d / "build_report.json").is_file()):
             return (AutoModelForCausalLM.from_pretrained(d, local_files_only=True),
                     AutoTokenizer.from_pretrained(d, local_files_only=True), f"pretrained: {d.name}")
     model, tok = tiny.init_model("small", seed=0)

@@ -5,13 +5,21 @@ from pathlib import Path
 
 import pytest
 
+# One compute thread per process: tests run model work in several processes at once (servers, subprocess
+# runs, 2-process data parallelism), and on a 2-core machine oversubscribed threads slow torch down 10-100x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 CACHE = Path(os.environ.get("BUDGETTHINK_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "tests"))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """Directory of the pretrained `test` preset tiny model (built on first use, then reused)."""
+    import torch
+
     from budgetthink import tiny
+
+    torch.set_num_threads(1)
 
     if hasattr(tiny, "cached_build"):
         return Path(tiny.cached_build("test", CACHE))

@@ -199,6 +199,22 @@ def test_each_estimator_runs_a_step(tiny_model_dir, tmp_path, digit_scored, over
     assert r["loss"] is not None and r["grad_norm"] is not None and r["grad_norm"] > 0
 
 
+def test_lora_run_resumes_and_exports_a_merged_model(tiny_model_dir, tmp_path, digit_scored):
+    """LoRA adapters train, the KL reference is the base with adapters off, a checkpoint holds the adapter,
+    --resume continues exactly, and the final model directory is the merged, ordinary model."""
+    from transformers import AutoModelForCausalLM
+
+    args = ["lora.r=4", "kl_coef=0.01", "save_every=1"]
+    whole = rl.train(config(tiny_model_dir, "max_steps=2", *args), tmp_path / "whole")
+    assert whole[0]["kl"] == pytest.approx(0.0, abs=1e-6) and whole[1]["kl"] > 0  # adapters start as a no-op
+    rl.train(config(tiny_model_dir, "max_steps=1", *args), tmp_path / "split")
+    assert (latest_checkpoint(tmp_path / "split") / "model" / "adapter_config.json").exists()
+    resumed = rl.train(config(tiny_model_dir, "max_steps=2", *args), tmp_path / "split", resume=True)
+    assert strip(resumed) == strip(whole)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "model")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
 def test_dynamic_sampling_drops_zero_spread_groups(tiny_model_dir, tmp_path):
     def odd_target_reward(self, problem, completion):  # the same reward for every sample of an odd target
         r = 1.0 if problem.answer["target"] % 2 else float(len(completion) % 2)
@@ -260,6 +276,9 @@ def check_grpo_run(records, out: Path):
     assert [p.name for p in list_checkpoints(out)] == ["step_00000004"]  # keep_checkpoints=1 pruned step 2
     assert load_state(latest_checkpoint(out))["data_pos"] == 8
     assert (out / "model" / "config.json").exists() and (out / "metrics.png").stat().st_size > 0
+    bill = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
+    assert bill[-1]["stage"] == "rl" and bill[-1]["status"] == "ok"
+    assert bill[-1]["tokens_generated"] >= sum(r["tokens_generated"] for r in records) and bill[-1]["tokens_trained"] > 0
 
 
 def check_ppo_run(records, out: Path):

@@ -102,17 +102,20 @@ def find_end(tokenizer, seg: list[int], close: str) -> int | None:
 
 def candidate_ids(tokenizer, strings: list[str], vocab: int) -> torch.Tensor:
     """[V] bool: tokens that can complete one of `strings` (their text holds its last character, or a partial one)."""
-    texts = tokenizer.batch_decode([[i] for i in range(vocab)], skip_special_tokens=False,
+    known = min(vocab, len(tokenizer))  # an output layer may be padded beyond the tokenizer's vocabulary
+    texts = tokenizer.batch_decode([[i] for i in range(known)], skip_special_tokens=False,
                                    clean_up_tokenization_spaces=False)
     lasts = {s[-1] for s in strings if s}
-    return torch.tensor([any(c in t for c in lasts) or "\ufffd" in t for t in texts], dtype=torch.bool)
+    marks = [any(c in t for c in lasts) or "\ufffd" in t for t in texts] + [False] * (vocab - known)
+    return torch.tensor(marks, dtype=torch.bool)
 
 
 class Forcing:
     """The per-row state of thinking, answering and budget forcing for B rows (tensors on the model's device)."""
 
     def __init__(self, tokenizer, fmt, budget, sampling, eos_ids: list[int], rows: int, vocab: int,
-                 device, context: int):
+                 device, context: int, memo: dict | None = None):
+        """memo: a dict the caller keeps across calls, caching the candidate-token masks (one vocabulary decode)."""
         self.tokenizer, self.fmt, self.sampling, self.context = tokenizer, fmt, sampling, context
         self.on = budget is not None and budget.active
         if self.on and fmt is None:
@@ -130,8 +133,16 @@ class Forcing:
         # windows of tokens that can hold a delimiter / stop string (each token is at least one byte)
         self.close_window = 2 * len(self.close.encode()) + 4 if self.close else 0
         self.stop_window = 2 * max((len(s.encode()) for s in self.stops), default=0) + 4
-        self.close_cand = candidate_ids(tokenizer, [self.close], vocab).to(device) if self.close else None
-        self.stop_cand = candidate_ids(tokenizer, self.stops, vocab).to(device) if self.stops else None
+        memo = {} if memo is None else memo
+
+        def cand(strings):
+            key = (tuple(strings), vocab, str(device))
+            if key not in memo:
+                memo[key] = candidate_ids(tokenizer, strings, vocab).to(device)
+            return memo[key]
+
+        self.close_cand = cand([self.close]) if self.close else None  # [V] bool
+        self.stop_cand = cand(self.stops) if self.stops else None  # [V] bool
         self.max_insert = len(self.force_ids) + len(self.ext_ids) if self.on else 0  # ids one step can append
 
         z = lambda dtype=torch.long: torch.zeros(rows, dtype=dtype, device=device)

@@ -182,7 +182,7 @@ def report(out: Path, bill: dict) -> Path:
         "<h2>3. Distil, curate, fine-tune (s1)</h2>",
         _table(["stage", "count"], [[k, v] for k, v in (funnel.get("funnel") or funnel).items()
                                     if isinstance(v, (int, float))]),
-        _img(out, "curate/selected.png", "curation: domains and trace lengths before and after"),
+        _img(out, "curate/curation.png", "curation: domains and trace lengths before and after"),
         _img(out, "sft/metrics.png", "SFT loss"),
         "<h2>4. Test-time scaling</h2>",
         _img(out, "eval/scaling.png", "accuracy over thinking tokens: budget forcing (solid) and majority vote (dashed)"),

@@ -179,6 +179,7 @@ class TorchEngine:
                 eos_token_ids += source if isinstance(source, list) else [] if source is None else [source]
         self.eos = sorted(set(eos_token_ids))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or [0])[0]
+        self._memo: dict = {}  # Forcing's per-tokenizer caches
 
     # --- the public call ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -237,7 +238,7 @@ class TorchEngine:
         dev, P = self.device, len(prompts)
         B = P * n
         forcing = Forcing(self.tokenizer, fmt, budget, sampling, self.eos, rows=B, vocab=self.vocab, device=dev,
-                          context=self.context)
+                          context=self.context, memo=self._memo)
         start = forcing.start_ids()
         cap = sampling.max_tokens + len(start) + forcing.max_insert + 8
         out_tok = torch.full((B, cap), self.pad, dtype=torch.long, device=dev)  # [B, cap] tokens after the prompt

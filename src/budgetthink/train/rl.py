@@ -58,6 +58,8 @@ class RLConfig(Config):
     task_options: dict = Field(default_factory=dict, description="options passed to the task (e.g. num_numbers)")
     format: str = Field("tinyzero", description="think format: tinyzero, s1 or r1")
     engine: str = Field("torch", description="generation engine: torch or vllm")
+    engine_options: dict = Field(default_factory=dict,
+                                 description="passed to the engine (vllm: gpu_memory_utilization, enforce_eager, ...)")
     seed: int = Field(0, description="seeds data order, sampling and mini-batch order")
     max_steps: int = Field(100, ge=1, description="number of RL steps (one batch of prompts each)")
     max_minutes: float | None = Field(None, gt=0, description="also stop (evaluated, checkpointed) after this wall time")
@@ -154,6 +156,8 @@ class Run:
     critic_opt: torch.optim.Optimizer | None = None
     critic_sched: object = None
     step: int = 0  # last completed step
+    updates: int = 0  # optimizer steps taken by the policy (the engine is synced when this changes)
+    synced: int = -1  # `updates` when the engine last received the weights
     data_pos: int = 0  # problems consumed from the data order
     last_ckpt: Path | None = None
     log: MetricsLog = None
@@ -232,7 +236,7 @@ def setup(cfg: RLConfig, out: Path, resume: bool) -> Run:
     task, train_set, eval_set = _data(cfg)
     optimizer = make_optimizer(model, cfg.optim)
     run = Run(cfg=cfg, out=out, device=device, model=model, tokenizer=tokenizer,
-              engine=load_engine(model, cfg.engine, tokenizer=tokenizer), task=task, fmt=get_format(cfg.format),
+              engine=load_engine(model, cfg.engine, tokenizer=tokenizer, **cfg.engine_options), task=task, fmt=get_format(cfg.format),
               train_set=train_set, eval_set=eval_set, optimizer=optimizer,
               scheduler=make_scheduler(optimizer, cfg.optim, cfg.max_steps), kl=L.KLController(
                   cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), log=MetricsLog(out / "metrics.jsonl"))
@@ -307,8 +311,9 @@ def generate(run: Run, problems: list, n: int, sampling: Sampling) -> list[Rollo
     """n completions per problem through the engine, scored; prompt-major order."""
     cfg = run.cfg
     prompts = [run.fmt.prompt(p.prompt) for p in problems]
-    if hasattr(run.engine, "update_weights"):
+    if hasattr(run.engine, "update_weights") and run.synced != run.updates:  # an engine with its own weights
         run.engine.update_weights(run.model)
+        run.synced = run.updates
     prompt_ids = [run.tokenizer.encode(p) for p in prompts]  # the engine and the loss see the same ids
     run.model.eval()
     with torch.no_grad():
@@ -522,6 +527,7 @@ def update(run: Run, rows: list[Rollout], step: int) -> dict:
                 gn = clip_grad(run.model.parameters(), cfg.optim.grad_clip)
                 check_finite(step, run.last_ckpt, grad_norm=gn)
                 run.optimizer.step()
+                run.updates += 1
                 stats.setdefault("grad_norm", []).append(gn)
             if run.critic is not None:
                 gn = clip_grad(run.critic.parameters(), cfg.critic.optim.grad_clip)
@@ -586,6 +592,7 @@ def evaluate(run: Run, step: int) -> dict:
               "accuracy": float(np.mean([r.score.correct for r in rolls])),
               "format_rate": float(np.mean([r.score.formatted for r in rolls])),
               "response_len_mean": float(np.mean([len(r.completion.token_ids) for r in rolls])),
+              "tokens_generated": int(sum(sum(r.completion.sampled) for r in rolls)),
               "truncated": float(np.mean([r.truncated for r in rolls]))}
     append_jsonl(run.out / "eval.jsonl", record)
     return record
@@ -649,40 +656,49 @@ def finish(run: Run) -> None:
 
 # --- the loop ------------------------------------------------------------------------------------------------------------
 def train(cfg: RLConfig, out: Path, resume: bool = False) -> list[dict]:
-    """Run (or resume) RL into `out`; returns the metrics records."""
+    """Run (or resume) RL into `out`; returns the metrics records. The run's cost goes to OUT/ledger.jsonl."""
     from tqdm import tqdm
 
+    from budgetthink.ledger import stage_ledger
+
     out = Path(out)
-    run = setup(cfg, out, resume)
-    if run.step == 0 and cfg.eval_every and run.eval_set:
-        evaluate(run, 0)
-    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=f"rl {cfg.algorithm}", file=sys.stderr, dynamic_ncols=True)
-    start = time.perf_counter()
-    for step in range(run.step + 1, cfg.max_steps + 1):
-        t0 = time.perf_counter()
-        last = step == cfg.max_steps or (cfg.max_minutes is not None and t0 - start > cfg.max_minutes * 60)
-        generated, rows = rollout(run, step)  # n completions per prompt with the current weights, scored
-        t1 = time.perf_counter()
-        stats = update(run, rows, step) if rows else {}  # advantages, then ppo_epochs x mini-batches
-        t2 = time.perf_counter()
-        run.step = step
-        m = {"step": step, **rollout_metrics(generated, cfg.n), "groups_trained": len(rows) // cfg.n,
-             "kl": None, "entropy": None, "loss": None, "grad_norm": None, **stats,
-             "lr": run.scheduler.get_last_lr()[0], "generate_s": t1 - t0, "train_s": t2 - t1}
-        if cfg.eval_every and run.eval_set and (step % cfg.eval_every == 0 or last):
-            ev = evaluate(run, step)
-            m |= {"eval_reward": ev["reward"], "eval_accuracy": ev["accuracy"]}
-        m["step_s"] = time.perf_counter() - t0
-        run.log.append(m)
-        warnings(run, m)
-        if step % cfg.save_every == 0 or last:
-            checkpoint(run)
-        bar.update(1)
-        bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['accuracy']:.2f}")
-        if last:
-            break
-    bar.close()
-    finish(run)
+    with stage_ledger(out, stage="rl", config=cfg) as bill:
+        run = setup(cfg, out, resume)
+        if run.step == 0 and cfg.eval_every and run.eval_set:
+            bill.add(tokens_generated=evaluate(run, 0)["tokens_generated"])
+        bar = tqdm(total=cfg.max_steps, initial=run.step, desc=f"rl {cfg.algorithm}", file=sys.stderr,
+                   dynamic_ncols=True)
+        start = time.perf_counter()
+        for step in range(run.step + 1, cfg.max_steps + 1):
+            t0 = time.perf_counter()
+            last = step == cfg.max_steps or (cfg.max_minutes is not None and t0 - start > cfg.max_minutes * 60)
+            lr = run.scheduler.get_last_lr()[0]
+            generated, rows = rollout(run, step)  # n completions per prompt with the current weights, scored
+            t1 = time.perf_counter()
+            stats = update(run, rows, step) if rows else {}  # advantages, then ppo_epochs x mini-batches
+            t2 = time.perf_counter()
+            run.step = step
+            m = {"step": step, **rollout_metrics(generated, cfg.n), "groups_trained": len(rows) // cfg.n,
+                 "kl": None, "entropy": None, "loss": None, "grad_norm": None, **stats, "lr": lr,
+                 "generate_s": t1 - t0, "train_s": t2 - t1}
+            bill.add(tokens_generated=m["tokens_generated"], tokens_trained=cfg.ppo_epochs * sum(
+                len(r.prompt_ids) + len(r.completion.token_ids) for r in rows))
+            if cfg.eval_every and run.eval_set and (step % cfg.eval_every == 0 or last):
+                ev = evaluate(run, step)
+                bill.add(tokens_generated=ev["tokens_generated"])
+                m |= {"eval_reward": ev["reward"], "eval_accuracy": ev["accuracy"]}
+            m["step_s"] = time.perf_counter() - t0
+            run.log.append(m)
+            warnings(run, m)
+            if step % cfg.save_every == 0 or last:
+                checkpoint(run)
+                bill.checkpoint()
+            bar.update(1)
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m['accuracy']:.2f}")
+            if last:
+                break
+        bar.close()
+        finish(run)
     return run.log.read()
 
 
