@@ -186,7 +186,7 @@ def engine_part(run, w: dict) -> dict:
     T = w["max_tokens"]
     sampling = Sampling(temperature=1.0, max_tokens=T, seed=0)
     budget = Budget(min_thinking_tokens=T // 4, max_thinking_tokens=3 * T // 4, extensions=1, max_answer_tokens=T // 4)
-    out = {"prompts": w["prompts"], "n": w["n"], "max_tokens": T, "budget": budget.model_dump(),
+    out = {"prompts": w["prompts"], "n": w["n"], "max_tokens": T, "budget_settings": budget.model_dump(),
            "engine": type(run.engine).__name__}
     if hasattr(run.engine, "llm"):
         from vllm import SamplingParams

@@ -242,7 +242,7 @@ class Batcher:
     fmt: object
     max_batch: int = 32  # most rows (prompts x n) in one engine call
     max_queue: int = 256  # most jobs waiting; more are refused with 429
-    window: float = 0.1  # seconds to wait for a burst to gather, if the last batch was bigger than the queue
+    window: float = 0.05  # seconds to wait for a burst to gather, if the last batch was bigger than the queue
     metrics: Metrics = field(default_factory=Metrics)
     waiting: list[Job] = field(default_factory=list)
     running: int = 0
@@ -417,7 +417,7 @@ class Gate:
 
 
 def create_app(engine, model_name: str, fmt, api_key: str | None = None, max_batch: int = 32, max_queue: int = 256,
-               window: float = 0.1):
+               window: float = 0.05):
     """The FastAPI app serving `engine` (a loaded engine with `.tokenizer` and `.generate`) as `model_name`."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
