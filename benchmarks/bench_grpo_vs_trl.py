@@ -16,7 +16,6 @@ as a share of this machine's matmul throughput in the dtype; both reward curves.
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from budgetthink.formats import get_format  # noqa: E402
-from budgetthink.jsonl import atomic_write_json, write_jsonl  # noqa: E402
-from budgetthink.tasks import get_task  # noqa: E402
+from budgetthink.formats import get_format
+from budgetthink.jsonl import atomic_write_json, write_jsonl
+from budgetthink.tasks import get_task
 
 PROMPT = ("Using the numbers {numbers}, create an equation that equals {target}. Use + - * / and each number "
           "once. Answer in <answer> </answer>.\n")

@@ -20,9 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from budgetthink.config import load_config  # noqa: E402
-from budgetthink.jsonl import atomic_write_json, read_jsonl  # noqa: E402
-from budgetthink.train import rl  # noqa: E402
+from budgetthink.config import load_config
+from budgetthink.jsonl import atomic_write_json, read_jsonl
+from budgetthink.train import rl
 
 
 def curve(out: Path) -> list[dict]:

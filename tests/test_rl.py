@@ -74,9 +74,13 @@ def strip(records):
 
 
 # --- configuration ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*countdown*.yaml")), ids=lambda p: p.name)
+RECIPES = ["tiny-countdown-grpo.yaml", "tiny-countdown-ppo.yaml", "tinyzero-countdown-qwen2.5-3b.yaml",
+           "tinyzero-countdown-qwen2.5-3b-grpo.yaml", "tiny-countdown-budget.yaml"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_recipes_load_and_validate(recipe):
-    cfg = load_config(rl.RLConfig, recipe)
+    cfg = load_config(rl.RLConfig, ROOT / "recipes" / recipe)
     assert cfg.task == "countdown" and cfg.algorithm in rl.ALGORITHMS
 
 
@@ -158,9 +162,10 @@ def test_inserted_tokens_get_no_policy_gradient(tiny_model_dir):
 def test_recomputed_logprobs_match_the_engine_with_budget_forcing(tiny_model_dir):
     """The training forward must score exactly the tokens the engine sampled, at the same positions, also
     when budget forcing inserted tokens in the middle of a completion."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from budgetthink.engine import load_engine
     from budgetthink.formats import get_format
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -213,6 +218,38 @@ def test_lora_run_resumes_and_exports_a_merged_model(tiny_model_dir, tmp_path, d
     assert strip(resumed) == strip(whole)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "model")
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_budget_curriculum_states_budgets_shapes_rewards_and_evaluates_per_budget(tiny_model_dir, tmp_path,
+                                                                                      digit_scored):
+    from transformers import AutoTokenizer
+
+    cfg = config(tiny_model_dir, "max_steps=1", "eval_every=1", "max_response_tokens=20",
+                 "budget_curriculum.budgets=[4,8]", "budget_curriculum.enforce=max", "budget_curriculum.alpha=0.5")
+    sampled = []
+    real = rl.generate
+
+    def spy(run, problems, n, sampling, budgets=None):
+        rolls = real(run, problems, n, sampling, budgets)
+        if sampling.temperature > 0:  # the training rollouts (evaluation is greedy)
+            sampled.extend(rolls)
+        return rolls
+
+    rl.generate = spy
+    try:
+        (r,) = rl.train(cfg, tmp_path)
+    finally:
+        rl.generate = real
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(sampled) == 8
+    for x in sampled:
+        assert x.budget in (4, 8) and f"[budget {x.budget}]<think>" in tok.decode(x.prompt_ids)  # stated
+        assert x.completion.thinking_tokens <= x.budget  # and enforced (enforce: max)
+        # LCPO-Exact: the task's (here: stand-in) reward minus alpha * |used - B| / B
+        assert x.reward == pytest.approx(x.score.reward - 0.5 * abs(x.completion.thinking_tokens - x.budget) / x.budget)
+    assert {"budget_error", "over_budget", "accuracy_B4", "accuracy_B8", "eval_accuracy_B4", "eval_accuracy_B8"} <= set(r)
+    lines = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["budget"]) for x in lines] == [(0, 4), (0, 8), (1, 4), (1, 8)]
 
 
 def test_dynamic_sampling_drops_zero_spread_groups(tiny_model_dir, tmp_path):
@@ -309,20 +346,19 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_model_dir, tmp_p
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}  # as in this process
-    log = open(tmp_path / "killed.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER.format(tests=str(ROOT / "tests")), "--config", "/dev/null",
-                             "--out", str(killed), *overrides], env=env, stdout=log, stderr=log)
-    deadline = time.time() + 300
-    while latest_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    log.close()
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER.format(tests=str(ROOT / "tests")), "--config",
+                                 "/dev/null", "--out", str(killed), *overrides], env=env, stdout=log, stderr=log)
+        deadline = time.time() + 300
+        while latest_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
     assert latest_checkpoint(killed) is not None and not (killed / "model").exists()  # killed before the end
 
     resumed = rl.train(load_config(rl.RLConfig, None, overrides), killed, resume=True)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert strip(resumed) == strip(records)
-    evals = lambda d: [json.loads(x) for x in (d / "eval.jsonl").read_text().splitlines()]  # noqa: E731
+    evals = lambda d: [json.loads(x) for x in (d / "eval.jsonl").read_text().splitlines()]
     assert evals(killed) == evals(tmp_path / "whole")

@@ -8,15 +8,20 @@ through the engine (under a thinking budget if one is set) with the current weig
 task's verifier, turn scores into advantages, and update the policy for `ppo_epochs` passes over
 mini-batches. Tokens the engine inserted (budget forcing) are context, never a policy-gradient target.
 
+With a `budget_curriculum` (budget-aware RL, L1/LCPO; see curriculum.py) each group's prompt states a
+drawn thinking budget, the engine may enforce it, and the reward is shaped by the thinking used against it.
+
 Outputs in OUT: metrics.jsonl (a line per step), eval.jsonl (greedy held-out evaluation every
 `eval_every` steps), checkpoints/step_N (atomic; `--resume` continues from the last), model/ (the final
-policy, an ordinary model directory), metrics.png, config.yaml.
+policy, an ordinary model directory), metrics.png, config.yaml, ledger.jsonl (the cost).
 
-Simplifications: one process (no data parallelism); the KL reference is the initial policy; with the
-vllm engine the engine must expose `update_weights(model)`, called before every generation.
+Sections: configuration, run state and setup, rollouts, tensors and forward passes, the update,
+evaluation and reporting, the loop (`train`, which reads on one screen).
+
+Simplifications: one process (no data parallelism); the KL reference is the initial policy; an engine
+with weights of its own (vllm) gets them through `update_weights(model)` after every policy update.
 """
 
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,9 +37,24 @@ from budgetthink.engine import Budget, Sampling
 from budgetthink.errors import UserError
 from budgetthink.jsonl import append_jsonl, read_jsonl, write_jsonl
 from budgetthink.train import losses as L
-from budgetthink.train.common import (LoRA, MetricsLog, Optim, check_finite, clip_grad, latest_checkpoint,
-                                      load_state, make_optimizer, make_scheduler, plot_metrics, rng_state,
-                                      save_checkpoint, seed_everything, set_rng_state)
+from budgetthink.train.common import (
+    LoRA,
+    MetricsLog,
+    Optim,
+    check_finite,
+    clip_grad,
+    latest_checkpoint,
+    load_state,
+    make_optimizer,
+    make_scheduler,
+    plot_metrics,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from budgetthink.train.curriculum import BudgetCurriculum
+from budgetthink.train.curriculum import rollout_metrics as curriculum_metrics
 
 ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo")
 
@@ -106,6 +126,8 @@ class RLConfig(Config):
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal")
     max_refills: int = Field(0, ge=0, description="dynamic sampling: extra generation rounds to refill dropped groups")
     critic: CriticConfig = Field(default_factory=CriticConfig, description="the PPO critic")
+    budget_curriculum: BudgetCurriculum | None = Field(
+        None, description="budget-aware RL (L1/LCPO): each group is told a drawn thinking budget, rewarded against it")
 
     # optimisation
     optim: Optim = Field(default_factory=Optim, description="policy optimizer and schedule")
@@ -132,6 +154,8 @@ class RLConfig(Config):
             raise ValueError("dynamic_sampling applies to the group estimators, not ppo")
         if self.kl_target is not None and not self.kl_in_reward:
             raise ValueError("kl_target (adaptive KL) needs kl_in_reward: true")
+        if self.budget_curriculum is not None:
+            self.budget_curriculum.check_room(self.max_response_tokens)
         return self
 
 
@@ -303,31 +327,44 @@ class Rollout:
     prompt_ids: list[int]
     completion: object  # engine.Completion
     score: object  # tasks.Score
-    reward: float  # score.reward plus any overlong penalty
+    reward: float  # score.reward, shaped by the budget curriculum, plus any overlong penalty
     truncated: bool
+    budget: int | None = None  # the thinking budget stated in the prompt (budget curriculum)
 
 
-def generate(run: Run, problems: list, n: int, sampling: Sampling) -> list[Rollout]:
-    """n completions per problem through the engine, scored; prompt-major order."""
-    cfg = run.cfg
-    prompts = [run.fmt.prompt(p.prompt) for p in problems]
+def generate(run: Run, problems: list, n: int, sampling: Sampling, budgets: list | None = None) -> list[Rollout]:
+    """n completions per problem through the engine, scored; prompt-major order. With `budgets` (budget
+    curriculum) problem i's prompt states budgets[i], the engine enforces the curriculum's cap (one call per
+    distinct cap) and the reward is shaped by the thinking used against it."""
+    cfg, cur = run.cfg, run.cfg.budget_curriculum
+    budgets = budgets or [None] * len(problems)
+    prompts = [run.fmt.prompt(p.prompt, budget=b) for p, b in zip(problems, budgets)]
+    prompt_ids = [run.tokenizer.encode(p) for p in prompts]  # the engine and the loss see the same ids
+    calls = (cur.engine_calls(budgets, base=cfg.budget) if budgets[0] is not None
+             else [(cfg.budget, list(range(len(problems))))])
     if hasattr(run.engine, "update_weights") and run.synced != run.updates:  # an engine with its own weights
         run.engine.update_weights(run.model)
         run.synced = run.updates
-    prompt_ids = [run.tokenizer.encode(p) for p in prompts]  # the engine and the loss see the same ids
     run.model.eval()
-    with torch.no_grad():
-        comps = run.engine.generate(prompts, sampling, n=n, budget=cfg.budget, fmt=run.fmt, prompt_ids=prompt_ids)
+    comps = [None] * (len(problems) * n)
+    for k, (engine_budget, idx) in enumerate(calls):
+        call_sampling = sampling if len(calls) == 1 else sampling.model_copy(
+            update={"seed": None if sampling.seed is None else _mix(sampling.seed, k)})
+        with torch.no_grad():
+            outs = run.engine.generate([prompts[i] for i in idx], call_sampling, n=n, budget=engine_budget,
+                                       fmt=run.fmt, prompt_ids=[prompt_ids[i] for i in idx])
+        for j, c in enumerate(outs):  # prompt-major within the call
+            c.prompt_index = idx[j // n]
+            comps[c.prompt_index * n + j % n] = c
     rollouts = []
     for c in comps:
-        problem = problems[c.prompt_index]
+        problem, budget = problems[c.prompt_index], budgets[c.prompt_index]
         score = run.task.score(problem, c.text)
-        truncated = c.finish_reason == "length"
-        reward = float(score.reward)
+        reward = float(score.reward) if budget is None else cur.shape(score.reward, c.thinking_tokens, budget)
         if cfg.truncated == "soft":
-            sampled = sum(c.sampled)
-            reward += float(L.overlong_penalty(torch.tensor([sampled]), sampling.max_tokens, cfg.overlong_cache)[0])
-        rollouts.append(Rollout(problem, prompt_ids[c.prompt_index], c, score, reward, truncated))
+            reward += float(L.overlong_penalty(torch.tensor([sum(c.sampled)]), sampling.max_tokens, cfg.overlong_cache)[0])
+        rollouts.append(Rollout(problem, prompt_ids[c.prompt_index], c, score, reward, c.finish_reason == "length",
+                                budget))
     return rollouts
 
 
@@ -339,7 +376,10 @@ def rollout(run: Run, step: int) -> tuple[list[Rollout], list[Rollout]]:
     for round_ in range(1 + (cfg.max_refills if cfg.dynamic_sampling else 0)):
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             max_tokens=cfg.max_response_tokens, seed=_mix(cfg.seed, step, round_))
-        batch = generate(run, next_problems(run, cfg.prompts_per_step), cfg.n, sampling)
+        problems = next_problems(run, cfg.prompts_per_step)
+        budgets = (cfg.budget_curriculum.draw(np.random.default_rng([cfg.seed, step, round_, 11]), len(problems))
+                   if cfg.budget_curriculum else None)
+        batch = generate(run, problems, cfg.n, sampling, budgets)
         generated += batch
         groups = [batch[i:i + cfg.n] for i in range(0, len(batch), cfg.n)]
         if cfg.dynamic_sampling:
@@ -561,7 +601,7 @@ def _actor_micro(run: Run, batch: dict, pick: dict, weight: float, stats: dict, 
                                share=not cfg.gradient_checkpointing, entropy_grad=cfg.entropy_coef > 0)
     old = pick["old_logp"] if "old_logp" in pick else logp.detach()
     pg, clipped = L.policy_loss(logp, old, pick["adv"], cfg.clip_low, cfg.clip_high, cfg.dual_clip)
-    agg = lambda x: L.aggregate(x, mask, cfg.loss_agg, norm_len=cfg.max_response_tokens)  # noqa: E731
+    agg = lambda x: L.aggregate(x, mask, cfg.loss_agg, norm_len=cfg.max_response_tokens)
     loss = agg(pg)
     if cfg.kl_coef > 0 and not cfg.kl_in_reward:
         kl = L.kl_penalty(logp, pick["ref_logp"], cfg.kl_estimator)
@@ -581,20 +621,34 @@ def _actor_micro(run: Run, batch: dict, pick: dict, weight: float, stats: dict, 
 
 # --- evaluation and reporting ------------------------------------------------------------------------------------------
 def evaluate(run: Run, step: int) -> dict:
-    """Greedy decoding on the held-out split: mean reward (TinyZero's validation score) and exact accuracy."""
-    cfg = run.cfg
+    """Greedy decoding on the held-out split: mean reward (TinyZero's validation score) and exact accuracy.
+
+    With a budget curriculum, once per evaluation budget B (stated in the prompt, enforced as in training):
+    a line per B in eval.jsonl, and the returned record holds the means over budgets plus
+    `accuracy_B<b>` and `budget_error_B<b>` per budget."""
+    cfg, cur = run.cfg, run.cfg.budget_curriculum
     sampling = Sampling(temperature=0.0, max_tokens=cfg.max_response_tokens)
-    rolls = []
-    for i in range(0, len(run.eval_set), cfg.eval_batch_size):
-        rolls += generate(run, run.eval_set[i:i + cfg.eval_batch_size], 1, sampling)
-    record = {"step": step, "n": len(rolls),
-              "reward": float(np.mean([r.score.reward for r in rolls])),
-              "accuracy": float(np.mean([r.score.correct for r in rolls])),
-              "format_rate": float(np.mean([r.score.formatted for r in rolls])),
-              "response_len_mean": float(np.mean([len(r.completion.token_ids) for r in rolls])),
-              "tokens_generated": int(sum(sum(r.completion.sampled) for r in rolls)),
-              "truncated": float(np.mean([r.truncated for r in rolls]))}
-    append_jsonl(run.out / "eval.jsonl", record)
+    lines = []
+    for budget in (cur.eval_points() if cur else [None]):
+        rolls = []
+        for i in range(0, len(run.eval_set), cfg.eval_batch_size):
+            chunk = run.eval_set[i:i + cfg.eval_batch_size]
+            rolls += generate(run, chunk, 1, sampling, None if budget is None else [budget] * len(chunk))
+        line = {"step": step, "n": len(rolls),
+                "reward": float(np.mean([r.score.reward for r in rolls])),
+                "accuracy": float(np.mean([r.score.correct for r in rolls])),
+                "format_rate": float(np.mean([r.score.formatted for r in rolls])),
+                "response_len_mean": float(np.mean([len(r.completion.token_ids) for r in rolls])),
+                "tokens_generated": int(sum(sum(r.completion.sampled) for r in rolls)),
+                "truncated": float(np.mean([r.truncated for r in rolls]))}
+        if budget is not None:
+            line = {"step": step, "budget": budget, **line, **curriculum_metrics(cur, rolls)}
+        append_jsonl(run.out / "eval.jsonl", line)
+        lines.append(line)
+    record = {k: float(np.mean([x[k] for x in lines])) for k in ("reward", "accuracy", "format_rate")}
+    record["tokens_generated"] = sum(x["tokens_generated"] for x in lines)
+    for x in lines if cur else []:
+        record |= {f"accuracy_B{x['budget']}": x["accuracy"], f"budget_error_B{x['budget']}": x["budget_error"]}
     return record
 
 
@@ -644,12 +698,11 @@ def finish(run: Run) -> None:
     run.tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    records = run.log.read()
-    evals = {r["step"]: r for r in read_jsonl(run.out / "eval.jsonl")} if (run.out / "eval.jsonl").exists() else {}
-    for r in records:
-        r["eval_accuracy"] = evals.get(r["step"], {}).get("accuracy")
-    if 0 in evals:
-        records.insert(0, {"step": 0, "eval_accuracy": evals[0]["accuracy"]})
+    records = run.log.read()  # eval steps carry eval_accuracy; the evaluation before training is in eval.jsonl
+    first = [r["accuracy"] for r in read_jsonl(run.out / "eval.jsonl") if r["step"] == 0] if (
+        run.out / "eval.jsonl").exists() else []
+    if first:
+        records.insert(0, {"step": 0, "eval_accuracy": float(np.mean(first))})
     plot_metrics(records, ["reward_mean", "accuracy", "eval_accuracy", "response_len_mean"],
                  run.out / "metrics.png", title=f"{run.cfg.algorithm} on {run.cfg.task}")
 
@@ -678,7 +731,8 @@ def train(cfg: RLConfig, out: Path, resume: bool = False) -> list[dict]:
             stats = update(run, rows, step) if rows else {}  # advantages, then ppo_epochs x mini-batches
             t2 = time.perf_counter()
             run.step = step
-            m = {"step": step, **rollout_metrics(generated, cfg.n), "groups_trained": len(rows) // cfg.n,
+            budget_stats = {} if cfg.budget_curriculum is None else curriculum_metrics(cfg.budget_curriculum, generated)
+            m = {"step": step, **rollout_metrics(generated, cfg.n), **budget_stats, "groups_trained": len(rows) // cfg.n,
                  "kl": None, "entropy": None, "loss": None, "grad_norm": None, **stats, "lr": lr,
                  "generate_s": t1 - t0, "train_s": t2 - t1}
             bill.add(tokens_generated=m["tokens_generated"], tokens_trained=cfg.ppo_epochs * sum(
@@ -686,7 +740,7 @@ def train(cfg: RLConfig, out: Path, resume: bool = False) -> list[dict]:
             if cfg.eval_every and run.eval_set and (step % cfg.eval_every == 0 or last):
                 ev = evaluate(run, step)
                 bill.add(tokens_generated=ev["tokens_generated"])
-                m |= {"eval_reward": ev["reward"], "eval_accuracy": ev["accuracy"]}
+                m |= {f"eval_{k}": v for k, v in ev.items() if k not in ("tokens_generated", "format_rate")}
             m["step_s"] = time.perf_counter() - t0
             run.log.append(m)
             warnings(run, m)
