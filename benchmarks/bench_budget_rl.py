@@ -6,9 +6,10 @@ benchmarks/results/bench_budget_rl.{json,png}.
         [--budgets 16,32,64,128] [--work DIR] [key=value ...]
 
 Both arms start from the same plain RL model (--rl-model; without it one is trained first with
-recipes/tiny-countdown-grpo.yaml from the `small` tiny base, `tiny.cached_build("small")`, for --minutes)
+recipes/tiny-countdown-grpo.yaml as it stands from the `small` tiny base, `tiny.cached_build("small")`)
 and train for the same wall time, --minutes: (a) goes on with the plain GRPO recipe, (b) runs
-recipes/tiny-countdown-budget.yaml. Extra key=value overrides apply to (b). Then `evaluate.run` decodes
+recipes/tiny-countdown-budget.yaml. Extra key=value overrides apply to both arms (budget_curriculum.* to (b)
+only). Then `evaluate.run` decodes
 greedily on the same N held-out problems (test split): (a) with method `forced` (budget forcing at B), (b) with
 `stated` (B in the prompt only, thinking cut at 4B so runs end) and `stated+forced`.
 
@@ -34,10 +35,11 @@ from budgetthink.train import rl  # noqa: E402
 GRPO, BUDGET = ROOT / "recipes" / "tiny-countdown-grpo.yaml", ROOT / "recipes" / "tiny-countdown-budget.yaml"
 
 
-def train(recipe: Path, model: Path, out: Path, minutes: float, overrides: list[str]) -> dict:
-    """Train `recipe` from `model` into `out` for `minutes` of wall time (resumed if `out` holds a run)."""
-    cfg = load_config(rl.RLConfig, recipe, [f"model={model}", f"max_minutes={minutes}", "max_steps=100000",
-                                            *overrides])
+def train(recipe: Path, model: Path, out: Path, minutes: float | None, overrides: list[str]) -> dict:
+    """Train `recipe` from `model` into `out` for `minutes` of wall time (None: the recipe's max_steps);
+    resumed if `out` holds an unfinished run, reused if it holds a finished one."""
+    limit = [] if minutes is None else [f"max_minutes={minutes}", "max_steps=100000"]
+    cfg = load_config(rl.RLConfig, recipe, [f"model={model}", *limit, *overrides])
     t = time.perf_counter()
     done = (out / "model" / "config.json").exists()
     records = read_jsonl(out / "metrics.jsonl") if done else rl.train(cfg, out, resume=out.exists())
@@ -55,6 +57,7 @@ def main():
     ap.add_argument("--n", type=int, default=200, help="held-out problems")
     ap.add_argument("--seed", type=int, default=4242, help="seed of the held-out problems")
     ap.add_argument("--budgets", default="16,32,64,128")
+    ap.add_argument("--device", default="cpu", help="training device (cpu, cuda); evaluation uses cuda if present")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench_budget_rl", help="runs and evals")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_budget_rl.json")
     ap.add_argument("overrides", nargs="*")
@@ -71,10 +74,11 @@ def main():
             from budgetthink import tiny
 
             base = tiny.cached_build("small", ROOT / ".cache" / "tiny", progress=True)
-        runs["plain_rl"] = train(GRPO, base, work / "plain", args.minutes, [])
+        runs["plain_rl"] = train(GRPO, base, work / "plain", None, [f"device={args.device}"])  # the recipe as is
         args.rl_model = Path(runs["plain_rl"]["model"])
-    runs["a"] = train(GRPO, args.rl_model, work / "a-plain-more", args.minutes, ["seed=1"])
-    runs["b"] = train(BUDGET, args.rl_model, work / "b-budget", args.minutes, args.overrides)
+    shared = [f"device={args.device}", *(o for o in args.overrides if not o.startswith("budget_curriculum"))]
+    runs["a"] = train(GRPO, args.rl_model, work / "a-plain-more", args.minutes, ["seed=1", *shared])
+    runs["b"] = train(BUDGET, args.rl_model, work / "b-budget", args.minutes, [f"device={args.device}", *args.overrides])
 
     cfg = load_config(rl.RLConfig, BUDGET)
     common = dict(task=cfg.task, n=args.n, seed=args.seed, budgets=budgets, fmt=cfg.format,

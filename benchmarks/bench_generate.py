@@ -53,6 +53,16 @@ def load_small(model_dir: Path | None):
     return model, tok, "random init (small preset shape; no pretrained build found)"
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's AVX-512 / AMX feature flags (bf16 matrix products are fast only with some of them)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx512", "amx")))
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -131,6 +141,7 @@ def main() -> int:
     if args.quick:
         args.prompts, args.n, args.new_tokens = 8, 2, 32
     torch.set_num_threads(args.threads)
+    load_at_start = round(os.getloadavg()[0], 2)
     base, tok, origin = load_small(args.model)
     fmt = get_format("tinyzero")
     prompts = [fmt.prompt(p.prompt) for p in get_task("countdown").generate(args.prompts, seed=0)]
@@ -189,6 +200,8 @@ def main() -> int:
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "transformers": __import__("transformers").__version__,
+                    "avx512_amx_flags": cpu_flags(),
+                    "load_average_1min_at_start": load_at_start,
                     "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
         "settings": {"model": origin, "preset": "small",
                      "parameters": sum(p.numel() for p in base.parameters()),

@@ -345,7 +345,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_model_dir, tmp_p
         rl.train(cfg, tmp_path / "whole")
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}  # as in this process
+    path = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}  # one thread, as in this process
     with open(tmp_path / "killed.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-c", DRIVER.format(tests=str(ROOT / "tests")), "--config",
                                  "/dev/null", "--out", str(killed), *overrides], env=env, stdout=log, stderr=log)
