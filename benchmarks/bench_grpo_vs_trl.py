@@ -3,7 +3,8 @@ dtype, learning rate and loss; writes benchmarks/results/bench_grpo_vs_trl.json.
 
     python benchmarks/bench_grpo_vs_trl.py [--steps 4] [--prompts 16] [--n 8] [--max-tokens 128] [--dtype float32]
 
-Both sides: the `small` tiny Qwen2 shape (~4.7M parameters) randomly initialised (seed 0), the same 16
+Both sides: a tiny Qwen2 (hidden 256, 6 layers, 8/4 heads, MLP 768: ~4.7M parameters, the shape of TRL's
+measurement in reference/peers.md) with the character tokenizer, randomly initialised (seed 0), the same 16
 Countdown prompts per step (~120 characters each, one token per character), 8 completions each of up to 128
 tokens, temperature 1 with no top-k/top-p, lr 1e-4, GRPO advantages (group mean and std), token-mean loss
 (TRL's default "dapo"), clip 0.2, one update per batch, beta 0 (no reference model), no gradient
@@ -40,9 +41,12 @@ PROMPT = ("Using the numbers {numbers}, create an equation that equals {target}.
 def build(workdir: Path, n_problems: int):
     """A random-init `small` model directory and problems with ~120-character prompts."""
     from budgetthink.tasks import Problem
-    from budgetthink.tiny import init_model
+    from budgetthink.tiny import Preset, init_model
 
-    model, tok = init_model("small", seed=0)
+    # the shape TRL was measured with (reference/peers.md): 4.7M parameters
+    shape = Preset(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+                   intermediate_size=768)
+    model, tok = init_model(shape, seed=0)
     model_dir = workdir / "model"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)

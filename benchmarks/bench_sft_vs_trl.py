@@ -81,10 +81,11 @@ def run_ours(model_dir: Path, data: Path, work: Path, args, dtype: str) -> dict:
     summary = sft.train(cfg, out)
     wall = time.perf_counter() - t0
     rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    step_s = sum(r["step_s"] for r in rec)
+    step_s, cpu_s = sum(r["step_s"] for r in rec), sum(r["cpu_s"] for r in rec)
     tokens = sum(r["tokens"] for r in rec)
     return {"steps": len(rec), "tokens": tokens, "target_tokens": sum(r["target_tokens"] for r in rec),
             "padded_tokens": sum(r["padded_tokens"] for r in rec), "train_s": step_s, "wall_s": wall,
+            "train_cpu_s": cpu_s, "tokens_per_cpu_s": tokens / cpu_s,
             "tokens_per_s": tokens / step_s, "end_to_end_tokens_per_s": tokens / wall,
             "first_loss": rec[0]["loss"], "last_loss": rec[-1]["loss"], "dtype": summary["dtype"]}
 
@@ -98,13 +99,14 @@ def run_trl(model_dir: Path, rows: list[dict], work: Path, args, bf16: bool, att
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.seconds, self.t = 0.0, None
+            self.seconds, self.cpu, self.t, self.c = 0.0, 0.0, None, None
 
         def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             self.seconds += time.perf_counter() - self.t
+            self.cpu += time.process_time() - self.c
 
     fmt = get_format("tinyzero")
     t0 = time.perf_counter()
@@ -130,6 +132,7 @@ def run_trl(model_dir: Path, rows: list[dict], work: Path, args, bf16: bool, att
     wall = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"steps": trainer.state.global_step, "tokens": tokens, "target_tokens": target, "train_s": timer.seconds,
+            "train_cpu_s": timer.cpu, "tokens_per_cpu_s": tokens / timer.cpu,
             "train_loop_s": time.perf_counter() - t1, "wall_s": wall, "tokens_per_s": tokens / timer.seconds,
             "end_to_end_tokens_per_s": tokens / wall, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "sampling": sampling}
@@ -176,8 +179,7 @@ def main() -> int:
         say(f"round {r + 1}: TRL (group_by_length)")
         trl_grouped.append(run_trl(model_dir, rows, work, args, bf16, attn, "group_by_length"))
         say(f"  {trl_grouped[-1]['tokens_per_s']:.0f} tok/s")
-    best = lambda runs: max(runs, key=lambda x: x["tokens_per_s"])  # noqa: E731
-    o, tr, tg = best(ours), best(trl_random), best(trl_grouped)
+    o, tr, tg = (max(runs, key=lambda x: x["tokens_per_s"]) for runs in (ours, trl_random, trl_grouped))
     assert o["tokens"] == tr["tokens"] == tg["tokens"], (o["tokens"], tr["tokens"], tg["tokens"])
     assert o["target_tokens"] == tr["target_tokens"] == tg["target_tokens"], (o["target_tokens"], tr["target_tokens"])
 
@@ -199,6 +201,8 @@ def main() -> int:
         "ours": ours, "trl_random": trl_random, "trl_group_by_length": trl_grouped,
         "ratio_vs_trl_default": o["tokens_per_s"] / tr["tokens_per_s"],
         "ratio_vs_trl_group_by_length": o["tokens_per_s"] / tg["tokens_per_s"],
+        "cpu_time_ratio_vs_trl_default": o["tokens_per_cpu_s"] / tr["tokens_per_cpu_s"],
+        "cpu_time_ratio_vs_trl_group_by_length": o["tokens_per_cpu_s"] / tg["tokens_per_cpu_s"],
         "end_to_end_ratio_vs_trl_default": tr["wall_s"] / o["wall_s"],
         "ours_flops_per_token": flops_per_token,
         "ours_achieved_gflops": achieved,

@@ -100,6 +100,55 @@ def test_bad_config_is_one_line_user_error(tiny_model_dir):
         config(tiny_model_dir, "algorithm=rloo", "n=1")
 
 
+# --- shared pieces: schedule, checkpoints, warnings -----------------------------------------------------------
+def test_warmup_then_cosine_schedule():
+    from budgetthink.train.common import Optim, lr_factor
+
+    cfg = Optim(lr=1.0, warmup_steps=2, schedule="cosine")
+    # warm-up (s+1)/2; then 0.5 * (1 + cos(pi * (s-2)/4)): 1, 0.853553, 0.5, 0.146447, 0, and 0 after the end
+    got = [lr_factor(s, cfg, total_steps=6) for s in range(8)]
+    assert got == pytest.approx([0.5, 1.0, 1.0, 0.853553, 0.5, 0.146447, 0.0, 0.0], abs=1e-6)
+    floor = Optim(lr=1.0, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(2, floor, total_steps=4) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(5, Optim(lr=1.0), total_steps=6) == 1.0  # constant
+
+
+def test_checkpoints_are_atomic_and_pruned(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from budgetthink.train.common import save_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    half = tmp_path / "checkpoints" / ".tmp-step_00000009-999"  # a save killed half-way: never a checkpoint
+    half.mkdir(parents=True)
+    (half / "state.pt").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path) is None
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, None, {"x": step}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    assert load_state(latest_checkpoint(tmp_path)) == {"x": 3, "step": 3}
+    assert not half.exists()  # leftovers are cleaned by the next save
+    save_checkpoint(tmp_path, 3, model, None, {"x": 33}, keep=2)  # re-saving a step replaces it
+    assert load_state(latest_checkpoint(tmp_path))["x"] == 33
+    assert AutoModelForCausalLM.from_pretrained(latest_checkpoint(tmp_path) / "model") is not None
+
+
+def test_warnings_name_the_cause(tiny_model_dir, capsys):
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(cfg=config(tiny_model_dir, "warn_after=2"), zero_reward_steps=0, warned=set())
+    m = {"reward_mean": 0.0, "no_answer": 0.9, "truncated": 0.1}
+    rl.warnings(run, m)
+    assert capsys.readouterr().err == ""
+    rl.warnings(run, m)
+    assert "reward has been 0 for 2 steps: 90% of completions have no answer tag" in capsys.readouterr().err
+    rl.warnings(run, {"reward_mean": 0.5, "no_answer": 0.0, "truncated": 0.6})
+    err = capsys.readouterr().err
+    assert "60% of completions hit max_response_tokens=12" in err and "truncated=mask" in err
+    rl.warnings(run, {"reward_mean": 0.0, "no_answer": 0.9, "truncated": 0.9})
+    assert capsys.readouterr().err == ""  # each warning once
+
+
 # --- masks and alignment ------------------------------------------------------------------------------------------
 def fake_rollout(prompt_ids, token_ids, sampled, truncated=False, reward=0.0):
     comp = Completion(prompt_index=0, text="", thinking="", answer="", token_ids=token_ids,

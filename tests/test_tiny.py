@@ -5,7 +5,6 @@ import hashlib
 import json
 import re
 import string
-from pathlib import Path
 
 import pytest
 

@@ -43,7 +43,8 @@ class DemoSettings(BaseModel):
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(rl_steps=6, rl_overrides=["eval_every=3", "eval_size=32", "save_every=3"],
+QUICK = DemoSettings(rl_steps=4, rl_overrides=["eval_every=2", "eval_size=32", "save_every=2", "prompts_per_step=8",
+                                               "n=4", "max_response_tokens=128"],
                      distill_n=600, curate_n=300, sft_overrides=["epochs=1", "log_every=5"], eval_n=32,
                      budgets=[16, 64, 256], samples=4)
 
@@ -142,7 +143,7 @@ def run(out: Path, quick: bool = False, preset: str | None = None, cache_dir: Pa
     page = report(out, bill)
     _say(f"report: {page}")
     print(page)
-    return {"report": str(page), "bill_total": bill.get("total")}
+    return {"report": str(page), "bill": bill.get("total")}
 
 
 # --- the report -------------------------------------------------------------------------------------------------
@@ -154,6 +155,15 @@ def _table(headers: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _name(model: str) -> str:
+    p = Path(model)
+    return p.parent.name if p.name == "model" else p.name
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 def _pct(x) -> str:
@@ -168,6 +178,7 @@ def report(out: Path, bill: dict) -> Path:
     rl_evals = [json.loads(x) for x in (out / "rl" / "eval.jsonl").read_text().splitlines()] \
         if (out / "rl" / "eval.jsonl").exists() else []
     check = base.get("check", {})
+    total = bill.get("total") or {}
     parts = [
         "<h1>budgetthink demo</h1>",
         "<p>Every stage on the tiny model, on this machine. Numbers are measured by this run.</p>",
@@ -180,22 +191,25 @@ def report(out: Path, bill: dict) -> Path:
                [[e.get("step"), f"{e.get('reward', 0):.3f}", _pct(e.get("accuracy"))] for e in rl_evals]),
         _img(out, "rl/metrics.png", "reward, accuracy and response length over RL steps"),
         "<h2>3. Distil, curate, fine-tune (s1)</h2>",
-        _table(["stage", "count"], [[k, v] for k, v in (funnel.get("funnel") or funnel).items()
-                                    if isinstance(v, (int, float))]),
+        _table(["curation stage", "count"], [[st["stage"], st["count"]] for st in funnel.get("stages", [])]),
         _img(out, "curate/curation.png", "curation: domains and trace lengths before and after"),
         _img(out, "sft/metrics.png", "SFT loss"),
         "<h2>4. Test-time scaling</h2>",
         _img(out, "eval/scaling.png", "accuracy over thinking tokens: budget forcing (solid) and majority vote (dashed)"),
         f'<p>Full tables: <a href="eval/report.html">eval/report.html</a></p>',
-        _table(["model", "Control", "Scaling", "Performance"],
-               [[Path(m).parent.name if Path(m).name == "model" else Path(m).name, _pct(v.get("control")),
-                 "-" if v.get("scaling") is None else f"{v['scaling']:.4f}", _pct(v.get("performance"))]
-                for m, v in (evals.get("summary") or {}).items() if isinstance(v, dict)]),
+        _table(["model", "method", "Control (%)", "Scaling (points / 1k tokens)", "Performance (%)",
+                f"majority@K (%)", "pass@K (%)"],
+               [[_name(v["model"]), v["method"], _num(v.get("control")), _num(v.get("scaling")),
+                 _num(v.get("performance")), _num(v.get("majority_at_K")), _num(v.get("pass_at_K"))]
+                for v in evals.get("summary", [])]),
         "<h2>5. The bill</h2>",
-        _table(["stage", "wall", "device-hours", "cost ($)"],
-               [[ln.get("stage"), f"{ln.get('wall_s', 0):.0f} s", f"{ln.get('device_hours', 0):.4f}",
-                 "unpriced" if ln.get("cost") is None else f"{ln['cost']:.4f}"] for ln in bill.get("lines", [])]),
-        f"<p>Total priced: ${bill.get('total') or 0:.4f}; unpriced lines: {bill.get('unpriced', 0)}.</p>",
+        _table(["stage", "wall", "device-hours", "tokens generated", "tokens trained", "cost ($)"],
+               [[ln["stage"], f"{ln['wall_s']:.0f} s", f"{ln['device_hours']:.4f}", ln["tokens_generated"],
+                 ln["tokens_trained"], "unpriced" if ln.get("cost") is None else f"{ln['cost']:.4f}"]
+                for ln in bill.get("lines", [])]),
+        f"<p>Total of priced lines: ${total.get('cost') or 0:.4f} over {total.get('device_hours', 0):.3f} "
+        f"device-hours; unpriced lines: {total.get('unpriced_lines', 0)}. A CPU is priced at $0 (your own machine); "
+        f"see <code>budgetthink cost {html.escape(str(out))}</code> for the sources of every price.</p>",
     ]
     style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;line-height:1.4}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"

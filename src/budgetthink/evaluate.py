@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from budgetthink.errors import UserError
+from budgetthink.jsonl import iter_jsonl
 
 METHODS = ("forced", "stated", "stated+forced")
 DELIMITER_ROOM = 16  # sampled tokens allowed per end of thinking on top of the budgets (s1's is ~5 tokens)
@@ -491,7 +492,7 @@ def _check(models, n, budgets, extensions, samples, methods):
         raise UserError(f"unknown method(s) {bad or methods}; use {', '.join(METHODS)}")
 
 
-def run(models: list[str], task: str, n: int, seed: int, budgets: list[int], extensions: list[int] = (),
+def _run(models: list[str], task: str, n: int, seed: int, budgets: list[int], extensions: list[int] = (),
         samples: int = 1, out: Path = Path("eval"), budget_in_prompt: bool = False, force: bool = True,
         engine="torch", fmt: str = "tinyzero", task_options: dict | None = None, max_answer_tokens: int = 64,
         temperature: float = 1.0, methods: list[str] | None = None, parallel_budget: int | None = None,
@@ -596,4 +597,19 @@ def run(models: list[str], task: str, n: int, seed: int, budgets: list[int], ext
     plot(results, tmp_png)
     tmp_png.replace(out / "scaling.png")
     atomic_write_text(out / "report.html", render_html(results))
+    return results
+
+
+def run(models: list[str], task: str, n: int, seed: int, budgets: list[int], extensions: list[int] = (),
+        out: Path = Path("eval"), **kwargs) -> dict:
+    """`_run`, recorded as the `eval` stage in OUT/ledger.jsonl (tokens generated over all settings)."""
+    from budgetthink.ledger import stage_ledger
+
+    samples = Path(out) / "samples.jsonl"
+    done = len(list(iter_jsonl(samples))) if samples.exists() else 0
+    with stage_ledger(out, stage="eval", model=None) as entry:
+        results = _run(models, task, n, seed, budgets, extensions, out=out, **kwargs)
+        entry.add(tokens_generated=sum(len(r.get("token_ids") or []) or
+                                       int(r.get("thinking_tokens") or 0) + int(r.get("answer_tokens") or 0)
+                                       for r in list(iter_jsonl(samples))[done:]))
     return results

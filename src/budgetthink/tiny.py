@@ -392,7 +392,7 @@ def settings(preset: str | Preset, seed: int, schedule: Schedule | None = None) 
             "countdown": COUNTDOWN, "format": FORMAT, "code_sha256": code.hexdigest()}
 
 
-def build(out: Path, preset: str | Preset = "test", seed: int = 0, schedule: Schedule | None = None,
+def _build(out: Path, preset: str | Preset = "test", seed: int = 0, schedule: Schedule | None = None,
           progress: bool = True) -> dict:
     """Build, pretrain, save and check a tiny model; returns the build report (also in OUT/build_report.json).
 
@@ -405,7 +405,8 @@ def build(out: Path, preset: str | Preset = "test", seed: int = 0, schedule: Sch
     from budgetthink.jsonl import atomic_write_json
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / "build_report.json").is_file():
+    if (out.exists() and (not out.is_dir() or any(p.name != "ledger.jsonl" for p in out.iterdir()))
+            and not (out / "build_report.json").is_file()):
         raise UserError(f"{out} exists and is not a tiny model build; choose another --out or remove it")
     config = settings(preset, seed, schedule)
     s = Schedule(**config["schedule"])
@@ -450,6 +451,17 @@ def build(out: Path, preset: str | Preset = "test", seed: int = 0, schedule: Sch
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def build(out: Path, preset: str | Preset = "test", seed: int = 0, schedule: Schedule | None = None,
+          progress: bool = True) -> dict:
+    """`_build`, recorded as the `tiny` stage in OUT/ledger.jsonl (the base model's own line on every bill)."""
+    from budgetthink.ledger import stage_ledger
+
+    with stage_ledger(out, stage="tiny", config=settings(preset, seed, schedule)) as entry:
+        report = _build(out, preset, seed, schedule, progress)
+        entry.add(tokens_trained=report["train"]["tokens"])
     return report
 
 

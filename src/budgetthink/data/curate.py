@@ -338,7 +338,7 @@ def format_funnel(funnel: dict) -> str:
 
 
 # ---- the command ------------------------------------------------------------------------------------------
-def curate(inp: str | Path, n: int | None, out: str | Path, seed: int = 0, require_correct: bool = False,
+def _curate(inp: str | Path, n: int | None, out: str | Path, seed: int = 0, require_correct: bool = False,
            max_chars: int | None = None, max_thinking_tokens: int | None = None, difficulty_models=(),
            difficulty_budget: Budget | None = None, difficulty_max_tokens: int = 256, batch_size: int = 16,
            engine: str = "torch", domain_field: str | None = None, clusters: int | None = None,
@@ -421,3 +421,11 @@ def curate(inp: str | Path, n: int | None, out: str | Path, seed: int = 0, requi
     plot(plot_path, doms, list(lengths.values()), [dom_of[i] for i in chosen], [lengths[i] for i in chosen], unit)
     print(f"curate: {funnel['funnel']}", file=sys.stderr)
     return funnel
+
+
+def curate(inp: str | Path, n: int | None, out: str | Path, **kwargs) -> dict:
+    """`_curate`, recorded as the `curate` stage in the ledger beside `out`."""
+    from budgetthink.ledger import stage_ledger
+
+    with stage_ledger(Path(out).parent, stage="curate", model=None):
+        return _curate(inp, n, out, **kwargs)

@@ -339,7 +339,7 @@ async def _run_openai(task, todo, out, teacher, base_url, model_name, fmt, sampl
 
 
 # ---- the command ------------------------------------------------------------------------------------------
-def distill(task: str, teacher: str, n: int | None, out: str | Path, seed: int = 0, budget: Budget | None = None,
+def _distill(task: str, teacher: str, n: int | None, out: str | Path, seed: int = 0, budget: Budget | None = None,
             sampling: Sampling | None = None, model_name: str | None = None, concurrency: int = 8,
             api_key_env: str = "OPENAI_API_KEY", price_in: float | None = None, price_out: float | None = None,
             fmt: str = "tinyzero", task_options: dict | None = None, problems_path: str | Path | None = None,
@@ -404,4 +404,23 @@ def distill(task: str, teacher: str, n: int | None, out: str | Path, seed: int =
                "retried": stats["retried"], "retry_reasons": stats["retry_reasons"], "repaired_bytes": repaired,
                "lines": len(lines), "correct": sum(bool(r.get("correct")) for r in lines),
                "cost": sum(costs) if costs else None}
+    return summary
+
+
+def distill(task: str, teacher: str, n: int | None, out: str | Path, **kwargs) -> dict:
+    """`_distill`, recorded as the `distill` stage in the ledger beside `out` (teacher API tokens and cost)."""
+    from budgetthink.ledger import stage_ledger
+
+    done = len(list(iter_jsonl(out))) if Path(out).exists() else 0
+    with stage_ledger(Path(out).parent, stage="distill", model=None) as entry:
+        summary = _distill(task, teacher, n, out, **kwargs)
+        new = list(iter_jsonl(out))[done:]  # the lines this run wrote
+        usage = [r.get("usage") or {} for r in new]
+        costs = [r["cost"] for r in new if r.get("cost") is not None]
+        api = teacher.startswith("openai:")
+        entry.add(tokens_generated=0 if api else sum(int(r.get("thinking_tokens") or 0) for r in new),
+                  api_input_tokens=sum(int(u.get("prompt_tokens") or 0) for u in usage) if api else 0,
+                  api_output_tokens=sum(int(u.get("completion_tokens") or 0) for u in usage) if api else 0,
+                  api_model=kwargs.get("model_name") if api else None,
+                  api_cost=sum(costs) if api and costs else None)
     return summary

@@ -477,12 +477,12 @@ def train(cfg: SFTConfig, out: Path, resume: bool = False) -> dict:
                    disable=not is_main)
         t_start, trained = time.perf_counter(), 0
         for step in range(run.step + 1, run.total_steps + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             m = train_step(run, step, cache)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             run.step = step
             trained += m["tokens"]
-            m = {"step": step, "epoch": (step - 1) // run.stats["steps_per_epoch"] + 1, **m, "step_s": dt,
+            m = {"step": step, "epoch": (step - 1) // run.stats["steps_per_epoch"] + 1, **m, "step_s": dt, "cpu_s": cpu,
                  "tokens_per_s": m["tokens"] / dt, "padding_share": 1 - m["tokens"] / m["padded_tokens"]}
             entry.add(tokens_trained=m["tokens"])
             if is_main:
