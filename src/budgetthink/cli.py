@@ -91,6 +91,35 @@ def tiny(out: Out, preset: Annotated[str, typer.Option(help="test (< 1M params, 
     print(tiny_model.summary(report))
 
 
+@app.command()
+def generate(model: Annotated[str, typer.Option(help="Model directory.")], task: TaskOpt = "countdown",
+             n: Annotated[int, typer.Option(help="Problems.")] = 8, seed: Seed = 0,
+             samples: Annotated[int, typer.Option(help="Samples per problem.")] = 1,
+             temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+             top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+             top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")] = 0,
+             max_tokens: Annotated[int, typer.Option(help="Cap on sampled tokens per completion.")] = 512,
+             format: Format = "tinyzero", as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sample.")] = False,
+             max_thinking_tokens: MaxThink = None, min_thinking_tokens: MinThink = 0, extensions: Extensions = 0,
+             extension_string: ExtString = "Wait", answer_prefix: AnsPrefix = "", max_answer_tokens: MaxAnswer = 64,
+             options: TaskOptions = None):
+    """Sample completions for a task's problems (optionally budget-forced) and score them."""
+    from pydantic import ValidationError
+
+    from budgetthink.config import explain
+    from budgetthink.engine import Sampling
+    from budgetthink.generate import run
+
+    budget = _budget(max_thinking_tokens, min_thinking_tokens, extensions, extension_string, answer_prefix,
+                     max_answer_tokens)
+    try:
+        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
+    except ValidationError as e:
+        raise explain(Sampling, e, "sampling flags") from None
+    run(model, task, n, seed, budget if budget.active else None, sampling, fmt=format, json_out=as_json,
+        task_options=_options(options), samples=samples)
+
+
 Config = Annotated[Optional[Path], typer.Option("--config", help="Recipe YAML (see recipes/).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")]
 

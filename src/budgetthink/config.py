@@ -88,7 +88,7 @@ def explain(cls: type[BaseModel], err: ValidationError, source: str) -> UserErro
     msg = e["msg"].removeprefix("Value error, ")
     got = e.get("input")
     shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-    return UserError(f"{source}: {key or 'config'}: {msg}{shown}")
+    return UserError(f"{source}: {key + ': ' if key else ''}{msg}{shown}")
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
