@@ -246,12 +246,13 @@ def serve(model: Annotated[str, typer.Option(help="Model directory.")],
           api_key: Annotated[Optional[str], typer.Option(help="Require this bearer key.")] = None,
           max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 32,
           max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond it 429.")] = 256,
-          engine: Annotated[str, typer.Option(help="torch or vllm.")] = "torch", format: Format = "tinyzero"):
+          engine: Annotated[str, typer.Option(help="torch or vllm.")] = "torch", format: Format = "tinyzero",
+          out: Annotated[Optional[Path], typer.Option(help="Record the session in OUT/ledger.jsonl on shutdown.")] = None):
     """OpenAI-compatible API with thinking budgets (max_thinking_tokens, min_thinking_tokens, thinking_extensions)."""
     from budgetthink.serve import run
 
     run(model, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue, engine=engine,
-        fmt=format)
+        fmt=format, out=str(out) if out else None)
 
 
 @app.command()

@@ -440,8 +440,11 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, max_bat
         batcher.start()
         yield
         await batcher.close()  # uvicorn has already waited for the requests in flight
+        for fn in app.state.on_shutdown:  # e.g. the ledger line of `run` (uvicorn re-raises SIGTERM after this)
+            fn()
 
     app = FastAPI(title="budgetthink", description="OpenAI-compatible server with thinking budgets", lifespan=lifespan)
+    app.state.on_shutdown = []
     app.state.metrics = metrics
 
     @app.exception_handler(APIError)
@@ -637,15 +640,29 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, max_bat
 
 
 def run(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 32,
-        max_queue: int = 256, engine: str = "torch", fmt: str = "tinyzero"):
-    """Load the model and serve it until SIGTERM/SIGINT (which finish the requests in flight first)."""
+        max_queue: int = 256, engine: str = "torch", fmt: str = "tinyzero", out: str | None = None):
+    """Load the model and serve it until SIGTERM/SIGINT (which finish the requests in flight first).
+
+    With `out`, the session is recorded on shutdown as a `serve` line in OUT/ledger.jsonl."""
+    import contextlib
+
     import uvicorn
 
     from budgetthink.engine import load_engine
     from budgetthink.formats import get_format
+    from budgetthink.ledger import stage_ledger
 
     think_format = get_format(fmt)
     eng = load_engine(str(model), backend=engine)
     app = create_app(eng, str(model), think_format, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    if out:  # the session's ledger line, written when the server shuts down
+        ledger = contextlib.ExitStack()
+        entry = ledger.enter_context(stage_ledger(out, stage="serve", model=str(model)))
+
+        def record():
+            entry.add(tokens_generated=int(app.state.metrics.tokens["completion"]))
+            ledger.close()
+
+        app.state.on_shutdown.append(record)
     log.info("serving %s on http://%s:%d/v1", model, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)
