@@ -196,9 +196,9 @@ def report(out: Path, bill: dict) -> Path:
         _img(out, "sft/metrics.png", "SFT loss"),
         "<h2>4. Test-time scaling</h2>",
         _img(out, "eval/scaling.png", "accuracy over thinking tokens: budget forcing (solid) and majority vote (dashed)"),
-        f'<p>Full tables: <a href="eval/report.html">eval/report.html</a></p>',
+        '<p>Full tables: <a href="eval/report.html">eval/report.html</a></p>',
         _table(["model", "method", "Control (%)", "Scaling (points / 1k tokens)", "Performance (%)",
-                f"majority@K (%)", "pass@K (%)"],
+                "majority@K (%)", "pass@K (%)"],
                [[_name(v["model"]), v["method"], _num(v.get("control")), _num(v.get("scaling")),
                  _num(v.get("performance")), _num(v.get("majority_at_K")), _num(v.get("pass_at_K"))]
                 for v in evals.get("summary", [])]),

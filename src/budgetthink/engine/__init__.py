@@ -74,6 +74,24 @@ class Completion:
     meta: dict = field(default_factory=dict)
 
 
+def check_prompts(tokenizer, prompts: list[str], prompt_ids: list[list[int]] | None, n: int, context: int,
+                  context_name: str) -> list[list[int]]:
+    """The prompts' token ids (encoded unless given), checked: n >= 1, none empty, each within the context."""
+    if n < 1:
+        raise UserError(f"n must be >= 1, got {n}")
+    if prompt_ids is None:
+        prompt_ids = [tokenizer.encode(p) for p in prompts]
+    if len(prompt_ids) != len(prompts):
+        raise UserError(f"got {len(prompts)} prompts but {len(prompt_ids)} prompt_ids")
+    for i, ids in enumerate(prompt_ids):
+        if not ids:
+            raise UserError(f"prompt {i} is empty; give at least one token")
+        if len(ids) >= context:
+            raise UserError(f"prompt {i} is {len(ids)} tokens but the model's context is {context} "
+                            f"({context_name}); shorten the prompt")
+    return prompt_ids
+
+
 def load_engine(model, backend: str = "torch", **kwargs):
     """An engine over `model` (a model directory, or a `(model, tokenizer)` pair)."""
     if backend == "torch":

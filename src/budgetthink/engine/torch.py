@@ -41,7 +41,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
 from budgetthink.budget import STOPPED_BY, Forcing, decode
-from budgetthink.engine import Budget, Completion, Sampling
+from budgetthink.engine import Budget, Completion, Sampling, check_prompts
 from budgetthink.errors import UserError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -190,18 +190,7 @@ class TorchEngine:
         prompts are encoded with the tokenizer's defaults (special tokens as it adds them), unless prompt_ids
         gives the ids directly. With a budget, the prompts should end with fmt's opening delimiter.
         """
-        if n < 1:
-            raise UserError(f"n must be >= 1, got {n}")
-        if prompt_ids is None:
-            prompt_ids = [self.tokenizer.encode(p) for p in prompts]
-        if len(prompt_ids) != len(prompts):
-            raise UserError(f"got {len(prompts)} prompts but {len(prompt_ids)} prompt_ids")
-        for i, ids in enumerate(prompt_ids):
-            if not ids:
-                raise UserError(f"prompt {i} is empty; give at least one token")
-            if len(ids) >= self.context:
-                raise UserError(f"prompt {i} is {len(ids)} tokens but the model's context is {self.context} "
-                                "(max_position_embeddings); shorten the prompt")
+        prompt_ids = check_prompts(self.tokenizer, prompts, prompt_ids, n, self.context, "max_position_embeddings")
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(self.device).manual_seed(sampling.seed)

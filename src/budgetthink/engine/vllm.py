@@ -67,7 +67,7 @@ from budgetthink.budget import (
     encode_insert,
     find_end,
 )
-from budgetthink.engine import Budget, Completion, Sampling
+from budgetthink.engine import Budget, Completion, Sampling, check_prompts
 from budgetthink.errors import UserError
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM's CPU attention kernels
@@ -289,18 +289,7 @@ class VLLMEngine:
     def generate(self, prompts: list[str], sampling: Sampling, n: int = 1, budget: Budget | None = None,
                  fmt=None, prompt_ids: list[list[int]] | None = None) -> list[Completion]:
         """len(prompts) * n Completions, prompt-major (all samples of prompt 0 first); as TorchEngine.generate."""
-        if n < 1:
-            raise UserError(f"n must be >= 1, got {n}")
-        if prompt_ids is None:
-            prompt_ids = [self.tokenizer.encode(p) for p in prompts]
-        if len(prompt_ids) != len(prompts):
-            raise UserError(f"got {len(prompts)} prompts but {len(prompt_ids)} prompt_ids")
-        for i, ids in enumerate(prompt_ids):
-            if not ids:
-                raise UserError(f"prompt {i} is empty; give at least one token")
-            if len(ids) >= self.context:
-                raise UserError(f"prompt {i} is {len(ids)} tokens but the engine's context is {self.context} "
-                                "(max_model_len); shorten the prompt")
+        prompt_ids = check_prompts(self.tokenizer, prompts, prompt_ids, n, self.context, "max_model_len")
         rules = self._rules(budget, sampling, fmt)
         rows = [Row(prompt=list(p), thinking=fmt is not None) for p in prompt_ids for _ in range(n)]
         if rules.on and budget.max_thinking_tokens == 0:  # forced end before the first sample
