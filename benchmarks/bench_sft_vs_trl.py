@@ -144,7 +144,11 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--repeats", type=int, default=1, help="alternate ours / TRL this many times; best of each")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); 1 gives steadier "
+                                                             "figures on a machine shared with other work")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import transformers
     import trl
