@@ -42,7 +42,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_teacher_spec_and_reply_parsing():
+def test_teacher_spec_and_reply_parsing(tmp_path):
     assert parse_teacher("solver") == ("solver", None)
     assert parse_teacher("model:runs/tiny") == ("model", "runs/tiny")
     assert parse_teacher("openai:http://127.0.0.1:8000/v1") == ("openai", "http://127.0.0.1:8000/v1")
@@ -65,7 +65,8 @@ def test_teacher_spec_and_reply_parsing():
         distill("countdown", "openai:http://127.0.0.1:9/v1", 2, "/nonexistent/x.jsonl")
     env = "BUDGETTHINK_TEST_NO_SUCH_KEY"
     with pytest.raises(UserError, match=env):
-        distill("countdown", "openai:https://api.example.com/v1", 2, "/tmp/never-written.jsonl", model_name="m",
+        distill("countdown", "openai:https://api.example.com/v1", 2, str(tmp_path / "never-written.jsonl"),
+                model_name="m",
                 api_key_env=env)
 
 

@@ -253,6 +253,9 @@ class LedgerEntry:
             append_jsonl(self.path, self.line("running"))
 
 
+COUNTS = ("tokens_generated", "tokens_trained", "api_input_tokens", "api_output_tokens")
+
+
 @contextmanager
 def stage_ledger(out_dir: str | Path, stage: str, config: Any = None, model: str | None = None,
                  device: tuple[str, int] | None = None, device_key: str | None = None,
@@ -276,6 +279,8 @@ def stage_ledger(out_dir: str | Path, stage: str, config: Any = None, model: str
         raise
     except BaseException as e:
         status, error = "error", f"{type(e).__name__}: {e}"[:500]
+        if isinstance(e, UserError) and not any(entry.line(status, error).get(k) for k in COUNTS):
+            write = False  # bad input refused before any work: nothing to bill, and no directory to create
         raise
     finally:
         if write:
