@@ -12,8 +12,10 @@ checkpointing. TRL runs with use_cpu, bf16/fp16 off and the tokenizer passed exp
 processing_class (reference/peers.md: AutoTokenizer would load a qwen2 directory as Qwen2Tokenizer).
 
 Reported per side: step time, its split into generation and the rest (scoring, log-probs, forward, backward,
-optimizer), median over the steps after the first (warm-up); the step-time ratio; our training throughput
-as a share of this machine's matmul throughput in the dtype; both reward curves.
+optimizer), median over the steps after the first (warm-up), in wall time and in CPU time of this process
+(the CPU time is the sturdier figure when other work shares the machine; the load average is recorded);
+the step-time ratio; our training throughput as a share of this machine's matmul throughput in the dtype;
+both reward curves.
 """
 
 import argparse
@@ -84,11 +86,29 @@ def run_ours(args, model_dir: Path, workdir: Path) -> dict:
         f"max_response_tokens={args.max_tokens}", "temperature=1.0", "top_k=0", "top_p=1.0", f"optim.lr={args.lr}",
         "optim.grad_clip=1.0", "algorithm=grpo", "loss_agg=token-mean", "clip_low=0.2", "clip_high=0.2",
         "kl_coef=0", f"micro_batch_size={args.micro}", f"dtype={args.dtype}", "device=cpu", "seed=0"])
-    t = time.perf_counter()
-    records = rl.train(cfg, workdir / "ours")
-    wall = time.perf_counter() - t
-    return {"wall_s": wall, "steps": [{k: r[k] for k in ("step", "step_s", "generate_s", "train_s", "reward_mean",
-                                                         "tokens_generated", "response_len_mean")} for r in records]}
+    cpu = {"generate": [], "train": []}
+    real_rollout, real_update = rl.rollout, rl.update
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            c = time.process_time()
+            out = fn(*a, **k)
+            cpu[key].append(time.process_time() - c)
+            return out
+        return wrapper
+
+    rl.rollout, rl.update = timed(real_rollout, "generate"), timed(real_update, "train")
+    try:
+        t = time.perf_counter()
+        records = rl.train(cfg, workdir / "ours")
+        wall = time.perf_counter() - t
+    finally:
+        rl.rollout, rl.update = real_rollout, real_update
+    steps = [{k: r[k] for k in ("step", "step_s", "generate_s", "train_s", "reward_mean", "tokens_generated",
+                                "response_len_mean")} for r in records]
+    for s, g, u in zip(steps, cpu["generate"], cpu["train"]):
+        s |= {"generate_cpu_s": g, "train_cpu_s": u, "step_cpu_s": g + u}
+    return {"wall_s": wall, "steps": steps}
 
 
 def run_trl(args, model_dir: Path, workdir: Path, problems: list) -> dict:
@@ -104,14 +124,15 @@ def run_trl(args, model_dir: Path, workdir: Path, problems: list) -> dict:
     def reward(prompts, completions, **kwargs):
         return [task.score(by_prompt[p], c).reward for p, c in zip(prompts, completions)]
 
-    times = {"step": [], "generate": [], "rollout": []}
+    times = {"step": [], "generate": [], "rollout": [], "step_cpu": [], "generate_cpu": []}
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             times["step"].append(time.perf_counter() - self.t)
+            times["step_cpu"].append(time.process_time() - self.c)
 
     config = GRPOConfig(
         output_dir=str(workdir / "trl"), per_device_train_batch_size=args.prompts * args.n, num_generations=args.n,
@@ -128,9 +149,11 @@ def run_trl(args, model_dir: Path, workdir: Path, problems: list) -> dict:
         real = getattr(trainer, name)
 
         def timed(*a, _real=real, _key=key, **k):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             out = _real(*a, **k)
             times[_key].append(time.perf_counter() - t)
+            if _key == "generate":
+                times["generate_cpu"].append(time.process_time() - c)
             return out
 
         setattr(trainer, name, timed)
@@ -141,6 +164,8 @@ def run_trl(args, model_dir: Path, workdir: Path, problems: list) -> dict:
     lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "reward" in h]
     steps = [{"step": i + 1, "step_s": times["step"][i], "generate_s": times["generate"][i],
               "rollout_s": times["rollout"][i], "train_s": times["step"][i] - times["generate"][i],
+              "step_cpu_s": times["step_cpu"][i], "generate_cpu_s": times["generate_cpu"][i],
+              "train_cpu_s": times["step_cpu"][i] - times["generate_cpu"][i],
               "reward_mean": rewards[i] if i < len(rewards) else None,
               "response_len_mean": lengths[i] if i < len(lengths) else None} for i in range(len(times["step"]))]
     return {"wall_s": wall, "steps": steps}
@@ -161,8 +186,11 @@ def main():
     ap.add_argument("--micro", type=int, default=64, help="our micro-batch (completions per forward/backward)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_grpo_vs_trl.json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -174,9 +202,8 @@ def main():
     peak = matmul_gflops(dtype)
     prompt_tokens = statistics.mean(len(get_format("tinyzero").prompt(p.prompt)) for p in problems)  # 1 char = 1 token
     for side in filter(None, (ours, trl)):
-        side["median_step_s"] = median_after_first(side["steps"], "step_s")
-        side["median_generate_s"] = median_after_first(side["steps"], "generate_s")
-        side["median_train_s"] = median_after_first(side["steps"], "train_s")
+        for key in ("step_s", "generate_s", "train_s", "step_cpu_s", "generate_cpu_s", "train_cpu_s"):
+            side[f"median_{key}"] = median_after_first(side["steps"], key)
     # our training throughput: 6 flops per matmul parameter per token (forward + backward), over train_s
     train_flops = [6 * n_matmul * (s["tokens_generated"] + prompt_tokens * args.prompts * args.n) for s in ours["steps"]]
     ours["train_gflops"] = statistics.median([f / s["train_s"] / 1e9 for f, s in zip(train_flops, ours["steps"])][1:]
@@ -195,13 +222,16 @@ def main():
 
         result["settings"]["trl_version"] = trl_pkg.__version__
         result["step_time_ratio_trl_over_ours"] = trl["median_step_s"] / ours["median_step_s"]
+        result["step_cpu_ratio_trl_over_ours"] = trl["median_step_cpu_s"] / ours["median_step_cpu_s"]
+        result["load_average_at_end"] = os.getloadavg()
     atomic_write_json(args.out, result)
     print(f"ours: {ours['median_step_s']:.2f} s/step (generate {ours['median_generate_s']:.2f}, "
           f"train {ours['median_train_s']:.2f}); training {ours['train_gflops']:.1f} GFLOP/s = "
           f"{result['ours_train_share_of_matmul_peak']:.0%} of the {peak:.0f} GFLOP/s matmul peak ({args.dtype})")
     if trl:
         print(f"trl:  {trl['median_step_s']:.2f} s/step (generate {trl['median_generate_s']:.2f}, "
-              f"rest {trl['median_train_s']:.2f}); ratio trl/ours = {result['step_time_ratio_trl_over_ours']:.2f}x")
+              f"rest {trl['median_train_s']:.2f}); ratio trl/ours = {result['step_time_ratio_trl_over_ours']:.2f}x "
+              f"(CPU time: {result['step_cpu_ratio_trl_over_ours']:.2f}x)")
     print(f"wrote {args.out}")
 
 

@@ -366,6 +366,7 @@ def setup(cfg: SFTConfig, out: Path, resume: bool) -> Run:
             run.log.truncate_after(run.step)
     elif resume and acc.is_main_process:
         _say(f"no checkpoint in {out}: starting from step 0")
+        run.log.truncate_after(0)  # lines of a run killed before its first checkpoint
     if acc.is_main_process:
         dump_config(cfg, out / "config.yaml")
         cut = (f"{stats['truncated']} truncated to their first {cfg.max_seq_len} tokens" if cfg.truncation == "truncate"
