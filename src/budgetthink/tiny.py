@@ -21,9 +21,10 @@ but has *not* been taught to solve Countdown (a base that RL and budget forcing 
 - Countdown attempts in the tinyzero format (prompt, `<think>`, search lines, `</think>`, `<answer>..</answer>`).
   An attempt follows the solver's trace line by line but, before each line that has not found the target
   yet, gives up with probability `give_up[k]` and answers with a guess (a random expression over the
-  numbers). Most attempts give up after the first line, so the greedy base model usually stops early and
-  is right mainly when the first line already hits the target; sampled, it sometimes searches on, and
-  those longer searches are what RL can reward. A few attempts, instead of giving up, write the extension
+  numbers). Attempts mostly search on for two lines and mostly give up before the fourth, so the greedy
+  base model searches three lines and then guesses: right when an early line hits the target and it
+  notices (`==T`), wrong otherwise. Sampled, it sometimes searches longer, and those longer searches are
+  what RL can reward and what a larger thinking budget buys. A few attempts, instead of giving up, write the extension
   string ("Wait") and go on searching, so that budget forcing's extensions mean something to this model.
 - A few attempts with empty thinking and a guess.
 - Arithmetic drills: lines of one-step facts (`63*5=315`) and stepwise evaluations (`(9*5)+7=45+7=52`).
@@ -151,7 +152,7 @@ class Schedule(BaseModel):
     dtype: str = Field("auto", description="float32, bfloat16 (autocast), or auto: bfloat16 where the CPU has AMX")
     max_len: int = Field(640, description="documents are cut to this many tokens")
     train_problems: int = Field(8000, description="distinct Countdown problems (train split) the attempts use")
-    give_up: list[float] = Field([0.6, 0.3], description="chance of giving up before search line k+1 (k = 1, 2, "
+    give_up: list[float] = Field([0.3, 0.3, 0.75], description="chance of giving up before search line k+1 (k = 1, 2, "
                                  "...) when the target is not found yet; the last value repeats")
     wait_share: float = Field(0.05, description="share of give-up points written as 'Wait' and searching on")
     empty_share: float = Field(0.04, description="share of Countdown attempts with empty thinking and a guess")
@@ -163,7 +164,7 @@ class Schedule(BaseModel):
 SCHEDULES = {
     "test": Schedule(steps=400, batch_size=16, lr=3e-3, warmup_steps=20, train_problems=2000, eval_problems=32,
                      eval_max_tokens=200),
-    "small": Schedule(steps=700, batch_size=32, lr=2e-3, warmup_steps=50),
+    "small": Schedule(steps=1040, batch_size=16, lr=2e-3, warmup_steps=60),
 }
 
 COUNTDOWN = {"template": "compact"}  # the task's defaults otherwise: the demo's Countdown distribution
@@ -171,7 +172,7 @@ FORMAT = "tinyzero"
 EXTENSION = "Wait"  # what budget forcing appends by default (engine.Budget.extension_string)
 TARGET = {"format_rate_min": 0.5, "accuracy_min": 0.02, "accuracy_max": 0.4}  # for the `small` base
 EVAL_SEED_OFFSET = 1_000_003  # held-out problems: test split and a seed no training run uses
-RECIPE_VERSION = 1  # bump when the corpus or the training loop changes, so cached builds are redone
+RECIPE_VERSION = 2  # bump when the corpus or the training loop changes, so cached builds are redone
 
 
 # ---------------------------------------------------------------------------------------------------------
