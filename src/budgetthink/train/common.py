@@ -1,6 +1,7 @@
-"""Pieces every training loop here shares (RL and SFT): optimizer and schedule, checkpoints that survive a
-kill, a metrics log, plots, a guard against NaN/inf, and optional LoRA.
+"""Pieces every training loop here shares (RL and SFT): model loading, optimizer and schedule, checkpoints that
+survive a kill, a metrics log, plots, a guard against NaN/inf, and optional LoRA.
 
+    model, tokenizer = load_model(cfg.model, ckpt, cfg.lora, cfg.gradient_checkpointing, hint, dtype=torch.float32)
     opt = make_optimizer(model, cfg.optim);  sched = make_scheduler(opt, cfg.optim, total_steps)
     ckpt = save_checkpoint(out, step, model, tokenizer, {"optimizer": opt.state_dict(), ...})
     last = latest_checkpoint(out);  state = load_state(last)        # on --resume
@@ -18,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +96,46 @@ def apply_lora(model, cfg: LoRA):
 
     return get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                             target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
+
+
+# --- model ---------------------------------------------------------------------------------------------------------
+def load_model(name: str, ckpt: Path | None, lora: LoRA | None, gradient_checkpointing: bool, hint: str,
+               **from_pretrained):
+    """(model, tokenizer): from `name`, or on a resume from the checkpoint's model/. With LoRA the base is always
+    `name` and the adapters come from the checkpoint (or are new). `hint` ends the error when loading fails."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = ckpt / "model" if ckpt else name
+    base = name if lora else source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, **from_pretrained)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {base} ({str(e).splitlines()[0]}); {hint}") from None
+    if lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source, is_trainable=True) if ckpt else apply_lora(model, lora)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer
+
+
+def save_model_dir(model, tokenizer, final: Path) -> None:
+    """Save model and tokenizer as an ordinary model directory `final`, written under a temporary name first."""
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def say(msg: str) -> None:
+    """A line on stderr that does not break a progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
 
 
 # --- RNG ---------------------------------------------------------------------------------------------------------

@@ -44,12 +44,15 @@ from budgetthink.train.common import (
     check_finite,
     clip_grad,
     latest_checkpoint,
+    load_model,
     load_state,
     make_optimizer,
     make_scheduler,
     plot_metrics,
     rng_state,
     save_checkpoint,
+    save_model_dir,
+    say,
     seed_everything,
     set_rng_state,
 )
@@ -222,28 +225,6 @@ def _data(cfg: RLConfig) -> tuple[object, list, list]:
     return task, train, held
 
 
-def _load_policy(cfg: RLConfig, ckpt: Path | None, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = Path(ckpt / "model") if ckpt else cfg.model
-    base_dir = cfg.model if cfg.lora else source
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model if cfg.lora else source)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {base_dir} ({str(e).splitlines()[0]}); "
-                        "build one with `budgetthink tiny --out DIR` and set model=DIR") from None
-    if cfg.lora:
-        from peft import PeftModel
-
-        from budgetthink.train.common import apply_lora
-
-        model = PeftModel.from_pretrained(model, source, is_trainable=True) if ckpt else apply_lora(model, cfg.lora)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model.to(device), tokenizer
-
-
 def setup(cfg: RLConfig, out: Path, resume: bool) -> Run:
     from budgetthink.engine import load_engine
     from budgetthink.formats import get_format
@@ -254,7 +235,9 @@ def setup(cfg: RLConfig, out: Path, resume: bool) -> Run:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     seed_everything(cfg.seed)
     device = _pick_device(cfg.device)
-    model, tokenizer = _load_policy(cfg, ckpt, device, torch.float32)
+    model, tokenizer = load_model(cfg.model, ckpt, cfg.lora, cfg.gradient_checkpointing, dtype=torch.float32,
+                                  hint="build one with `budgetthink tiny --out DIR` and set model=DIR")
+    model = model.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     task, train_set, eval_set = _data(cfg)
@@ -291,7 +274,7 @@ def setup(cfg: RLConfig, out: Path, resume: bool) -> Run:
         if (out / "eval.jsonl").exists():
             write_jsonl(out / "eval.jsonl", [r for r in read_jsonl(out / "eval.jsonl") if r["step"] <= run.step])
     elif resume:
-        _say(f"no checkpoint in {out}: starting from step 0")
+        say(f"no checkpoint in {out}: starting from step 0")
     dump_config(cfg, out / "config.yaml")
     return run
 
@@ -672,32 +655,18 @@ def warnings(run: Run, m: dict) -> None:
     run.zero_reward_steps = run.zero_reward_steps + 1 if m["reward_mean"] == 0 else 0
     if run.zero_reward_steps >= cfg.warn_after and "zero" not in run.warned:
         run.warned.add("zero")
-        _say(f"warning: reward has been 0 for {run.zero_reward_steps} steps: {m['no_answer']:.0%} of completions "
-             f"have no answer tag, {m['truncated']:.0%} were truncated at max_response_tokens="
-             f"{cfg.max_response_tokens}; check the format ({cfg.format}) and the prompt template")
+        say(f"warning: reward has been 0 for {run.zero_reward_steps} steps: {m['no_answer']:.0%} of completions "
+            f"have no answer tag, {m['truncated']:.0%} were truncated at max_response_tokens="
+            f"{cfg.max_response_tokens}; check the format ({cfg.format}) and the prompt template")
     if m["truncated"] > cfg.warn_truncated and cfg.truncated == "keep" and "truncated" not in run.warned:
         run.warned.add("truncated")
-        _say(f"warning: {m['truncated']:.0%} of completions hit max_response_tokens={cfg.max_response_tokens} "
-             "and were cut off (they usually score 0); raise max_response_tokens, or set truncated=mask or soft")
-
-
-def _say(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
+        say(f"warning: {m['truncated']:.0%} of completions hit max_response_tokens={cfg.max_response_tokens} "
+            "and were cut off (they usually score 0); raise max_response_tokens, or set truncated=mask or soft")
 
 
 def finish(run: Run) -> None:
     """The final policy as an ordinary model directory and the plot of reward, accuracy, length."""
-    import shutil
-
-    tmp, final = run.out / ".model.tmp", run.out / "model"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = run.model.merge_and_unload() if run.cfg.lora else run.model
-    model.save_pretrained(tmp)
-    run.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    save_model_dir(run.model.merge_and_unload() if run.cfg.lora else run.model, run.tokenizer, run.out / "model")
     records = run.log.read()  # eval steps carry eval_accuracy; the evaluation before training is in eval.jsonl
     first = [r["accuracy"] for r in read_jsonl(run.out / "eval.jsonl") if r["step"] == 0] if (
         run.out / "eval.jsonl").exists() else []

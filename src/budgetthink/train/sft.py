@@ -45,7 +45,6 @@ step (its engine steps inside backward) and its own `gradient_clipping` setting.
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -67,12 +66,15 @@ from budgetthink.train.common import (
     Optim,
     check_finite,
     latest_checkpoint,
+    load_model,
     load_state,
     make_optimizer,
     make_scheduler,
     plot_metrics,
     rng_state,
     save_checkpoint,
+    save_model_dir,
+    say,
     seed_everything,
     set_rng_state,
 )
@@ -283,38 +285,6 @@ def use_bf16(dtype: str, cuda: bool) -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def _say(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
-
-
-def _load_model(cfg: SFTConfig, ckpt: Path | None, attn: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = ckpt / "model" if ckpt else Path(cfg.model) if Path(cfg.model).exists() else cfg.model
-    base = cfg.model if cfg.lora else source
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model if cfg.lora else source)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation=attn)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {base} ({str(e).splitlines()[0]}); pass --model DIR with a model "
-                        "directory (build one with `budgetthink tiny --out DIR`)") from None
-    if cfg.lora:
-        from peft import PeftModel
-
-        from budgetthink.train.common import apply_lora
-
-        model = PeftModel.from_pretrained(model, source, is_trainable=True) if ckpt else apply_lora(model, cfg.lora)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if tokenizer.eos_token is None:
-        raise UserError(f"tokenizer of {cfg.model} has no end-of-text token; set eos_token in its tokenizer_config.json")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
 def setup(cfg: SFTConfig, out: Path, resume: bool) -> Run:
     from accelerate import Accelerator
 
@@ -340,7 +310,13 @@ def setup(cfg: SFTConfig, out: Path, resume: bool) -> Run:
     seed_everything(cfg.seed)
     bf16 = use_bf16(cfg.dtype, cuda)
     attn = cfg.attn_implementation if cfg.attn_implementation != "auto" else "eager" if bf16 and not cuda else "sdpa"
-    model, tokenizer = _load_model(cfg, ckpt, attn)
+    model, tokenizer = load_model(cfg.model, ckpt, cfg.lora, cfg.gradient_checkpointing, dtype=torch.float32,
+                                  attn_implementation=attn, hint="pass --model DIR with a model directory (build one "
+                                  "with `budgetthink tiny --out DIR`)")
+    if tokenizer.eos_token is None:
+        raise UserError(f"tokenizer of {cfg.model} has no end-of-text token; set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     examples, stats = load_examples(cfg.data, tokenizer, get_format(cfg.format), cfg)
     lengths = [len(e.ids) for e in examples]
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -358,26 +334,26 @@ def setup(cfg: SFTConfig, out: Path, resume: bool) -> Run:
         if "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
         else:
-            _say(f"warning: {ckpt} holds no optimizer state (sharded run): AdamW moments restart")
+            say(f"warning: {ckpt} holds no optimizer state (sharded run): AdamW moments restart")
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         run.step, run.last_ckpt = state["step"], ckpt
         if acc.is_main_process:
             run.log.truncate_after(run.step)
     elif resume and acc.is_main_process:
-        _say(f"no checkpoint in {out}: starting from step 0")
+        say(f"no checkpoint in {out}: starting from step 0")
         run.log.truncate_after(0)  # lines of a run killed before its first checkpoint
     if acc.is_main_process:
         dump_config(cfg, out / "config.yaml")
         cut = (f"{stats['truncated']} truncated to their first {cfg.max_seq_len} tokens" if cfg.truncation == "truncate"
                else "none truncated")
-        _say(f"data: {stats['examples']} examples from {stats['lines']} lines ({stats['target_tokens']} target tokens); "
-             f"longer than max_seq_len={cfg.max_seq_len}: {cut}, {stats['dropped_too_long']} dropped; longest "
-             f"{stats['longest_tokens']} tokens; {total} steps of {cfg.batch_size} on {acc.num_processes} process(es)")
+        say(f"data: {stats['examples']} examples from {stats['lines']} lines ({stats['target_tokens']} target tokens); "
+            f"longer than max_seq_len={cfg.max_seq_len}: {cut}, {stats['dropped_too_long']} dropped; longest "
+            f"{stats['longest_tokens']} tokens; {total} steps of {cfg.batch_size} on {acc.num_processes} process(es)")
         if stats["truncated"] + stats["dropped_too_long"]:
             share = (stats["truncated"] + stats["dropped_too_long"]) / max(stats["lines"] - stats["teacher_errors"], 1)
-            _say(f"warning: max_seq_len={cfg.max_seq_len} cuts {share:.0%} of the traces (s1 lost 20 points on "
-                 "AIME24 when 4,096 cut 74%); raise max_seq_len if memory allows")
+            say(f"warning: max_seq_len={cfg.max_seq_len} cuts {share:.0%} of the traces (s1 lost 20 points on "
+                "AIME24 when 4,096 cut 74%); raise max_seq_len if memory allows")
     acc.wait_for_everyone()
     return run
 
@@ -414,14 +390,9 @@ def finish(run: Run) -> None:
     """The final model in OUT/model (an ordinary model directory, LoRA merged), the plot and summary.json."""
     model, _ = _savable(run)
     if run.acc.is_main_process:
-        tmp, final = run.out / ".model.tmp", run.out / "model"
-        shutil.rmtree(tmp, ignore_errors=True)
         if run.cfg.lora:  # never sharded (refused in setup)
             model = model.merge_and_unload()
-        model.save_pretrained(tmp)
-        run.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        save_model_dir(model, run.tokenizer, run.out / "model")
         plot_metrics(run.log.read(), ["loss", "lr", "grad_norm", "tokens_per_s"], run.out / "metrics.png",
                      title=f"sft {Path(run.cfg.model).name}")
     run.acc.wait_for_everyone()
@@ -491,8 +462,8 @@ def train(cfg: SFTConfig, out: Path, resume: bool = False) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
                 if step % cfg.log_every == 0:
-                    _say(f"step {step}/{run.total_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-                         f"grad_norm {m['grad_norm']:.3f} {m['tokens_per_s']:.0f} tok/s")
+                    say(f"step {step}/{run.total_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                        f"grad_norm {m['grad_norm']:.3f} {m['tokens_per_s']:.0f} tok/s")
             if step % cfg.save_every == 0 or step == run.total_steps:
                 checkpoint(run)
                 entry.checkpoint()
