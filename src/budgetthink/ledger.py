@@ -61,6 +61,20 @@ DEFAULT_PRICES = Path(__file__).with_name("prices.yaml")
 
 # ---------------------------------------------------------------- price table
 
+def _yaml_mapping(path: Path, not_found: str, not_a_mapping: str) -> dict:
+    """The mapping in YAML file `path` (empty file: {}); UserError `not_found`, or naming the file when it is not
+    valid YAML or not a mapping."""
+    if not path.is_file():
+        raise UserError(not_found)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: {not_a_mapping}")
+    return data
+
+
 def load_prices(path: str | Path | None = None) -> dict:
     """The default table merged with a user file (`path`, else $BUDGETTHINK_PRICES), entry by entry.
 
@@ -71,14 +85,8 @@ def load_prices(path: str | Path | None = None) -> dict:
     path = path or os.environ.get("BUDGETTHINK_PRICES") or None
     if path:
         p = Path(path)
-        if not p.is_file():
-            raise UserError(f"price file {p} not found; pass an existing YAML file shaped like {DEFAULT_PRICES}")
-        try:
-            user = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{p}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(user, dict):
-            raise UserError(f"{p}: expected a mapping with devices:, api:, pretraining: or cpu_device:")
+        user = _yaml_mapping(p, f"price file {p} not found; pass an existing YAML file shaped like {DEFAULT_PRICES}",
+                             "expected a mapping with devices:, api:, pretraining: or cpu_device:")
         unknown = set(user) - {"cpu_device", "devices", "api", "pretraining"}
         if unknown:
             raise UserError(f"{p}: unknown top-level key(s) {', '.join(sorted(unknown))}; "
@@ -521,14 +529,8 @@ def estimate(recipe_path: str | Path, gpu: str = "h100", gpus: int = 1, mfu: flo
     (prompts + responses). gen_tokens: RL: tokens generated in total (default: every response at its maximum
     length, an upper bound). gen_mfu: utilisation while generating (default `mfu`; decoding is often lower)."""
     path = Path(recipe_path)
-    if not path.is_file():
-        raise UserError(f"recipe {path} not found; pass a YAML file (see recipes/)")
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(recipe, dict):
-        raise UserError(f"{path}: expected a mapping of key: value at the top level")
+    recipe = _yaml_mapping(path, f"recipe {path} not found; pass a YAML file (see recipes/)",
+                           "expected a mapping of key: value at the top level")
     table = load_prices(prices)
     if gpu not in table["devices"] or not table["devices"][gpu].get("peak_bf16_tflops"):
         known = [k for k, e in table["devices"].items() if e.get("peak_bf16_tflops")]
