@@ -26,14 +26,7 @@ from budgetthink.tiny import init_model
 FORMATS = ("tinyzero", "s1", "r1")
 PROMPTS = ("3 5 7 -> 22\n", "12+7=", "Using the numbers [1, 2, 3], make 6.\n")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core box extra threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest.py)
 
 
 class Nudged(Qwen2ForCausalLM):
@@ -149,6 +142,22 @@ BUDGETS = {
 }
 
 
+def assert_matches_naive(outs, prompts, model, tok, fmt, budget: Budget, max_tokens: int, name: str) -> None:
+    """`outs` (n=2 samples of each prompt, greedy) are token-identical to the naive procedure's."""
+    assert len(outs) == 2 * len(prompts)
+    for i, prompt in enumerate(prompts):
+        ids, sampled, counts = naive(model, tok, tok.encode(prompt), fmt, budget, max_tokens)
+        for got in outs[2 * i: 2 * i + 2]:
+            assert got.prompt_index == i
+            assert got.token_ids == ids, f"{name} prompt {i}: {got.text!r} vs {tok.decode(ids)!r}"
+            assert got.sampled == sampled
+            assert got.thinking_tokens == counts["thinking_tokens"]
+            assert got.answer_tokens == counts["answer_tokens"]
+            assert got.extensions == counts["extensions"]
+            assert got.meta["forced"] == counts["forced"]
+            assert all(lp == 0.0 for lp, s in zip(got.logprobs, got.sampled) if not s)
+
+
 @pytest.mark.parametrize("fmt_name", FORMATS)
 def test_engine_matches_naive_reference(fmt_name):
     """Token-identical to the naive procedure under greedy decoding, for every budget kind, n=2 samples of
@@ -160,23 +169,13 @@ def test_engine_matches_naive_reference(fmt_name):
     seen = set()
     for name, budget in BUDGETS.items():
         outs = engine.generate(prompts, sampling, n=2, budget=budget, fmt=fmt)
-        assert len(outs) == 2 * len(prompts)
-        for i, prompt in enumerate(prompts):
-            ids, sampled, counts = naive(model, tok, tok.encode(prompt), fmt, budget, sampling.max_tokens)
-            for got in outs[2 * i: 2 * i + 2]:
-                assert got.prompt_index == i
-                assert got.token_ids == ids, f"{name} prompt {i}: {got.text!r} vs {tok.decode(ids)!r}"
-                assert got.sampled == sampled
-                assert got.thinking_tokens == counts["thinking_tokens"]
-                assert got.answer_tokens == counts["answer_tokens"]
-                assert got.extensions == counts["extensions"]
-                assert got.meta["forced"] == counts["forced"]
-                assert all(lp == 0.0 for lp, s in zip(got.logprobs, got.sampled) if not s)
-                seen.add(("forced", got.meta["forced"]))
-                seen.add(("closed by the model", not got.meta["forced"] and fmt.think_close in got.text))
-                seen.add(("delimiter removed", got.meta["closes_removed"] > 0))
-                seen.add(("end-of-text while thinking", got.extensions > got.meta["closes_removed"]))
-                seen.add(got.meta["stopped_by"])
+        assert_matches_naive(outs, prompts, model, tok, fmt, budget, sampling.max_tokens, name)
+        for got in outs:
+            seen.add(("forced", got.meta["forced"]))
+            seen.add(("closed by the model", not got.meta["forced"] and fmt.think_close in got.text))
+            seen.add(("delimiter removed", got.meta["closes_removed"] > 0))
+            seen.add(("end-of-text while thinking", got.extensions > got.meta["closes_removed"]))
+            seen.add(got.meta["stopped_by"])
     wanted = {("forced", True), ("closed by the model", True), ("delimiter removed", True),
               ("end-of-text while thinking", True), "max_answer_tokens"}
     assert wanted <= seen, wanted - seen

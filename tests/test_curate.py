@@ -18,18 +18,6 @@ def _pool(sizes: dict[str, int], seed: int = 0):
     return [(f"{d}-{i}", d, rng.randint(10, 10_000)) for d, m in sizes.items() for i in range(m)]
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread while the tiny model runs: on a busy 2-core machine, torch's thread pool spins and
-    a 64-wide model decodes ~100x slower with 2 threads than with 1 (measured: 30 s against 0.3 s)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- the selection ----------------------------------------------------------------------------------------
 def test_every_domain_is_represented_when_n_reaches_the_domains():
     sizes = {"algebra": 40, "geometry": 3, "number": 1, "combinatorics": 25, "calculus": 2, "logic": 7, "prob": 12}

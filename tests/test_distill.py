@@ -4,16 +4,15 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_serve import Server  # `budgetthink serve` under uvicorn on a free loopback port
 
 from budgetthink.data.distill import _retry_after, distill, parse_teacher, split_thinking
 from budgetthink.engine import Budget, Sampling
@@ -28,18 +27,6 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 def _ids(path) -> Counter:
     return Counter(r["id"] for r in read_jsonl(path))
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread while the tiny model runs: on a busy 2-core machine, torch's thread pool spins and
-    a 64-wide model decodes ~100x slower with 2 threads than with 1 (measured: 30 s against 0.3 s)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_teacher_spec_and_reply_parsing(tmp_path):
@@ -121,32 +108,6 @@ def test_model_teacher_uses_the_engine_with_budgets(tmp_path, tiny_model_dir, on
 
 
 # ---- the openai teacher against a real `budgetthink serve` ----------------------------------------------
-class Server:
-    """`budgetthink serve`'s app under uvicorn on a free loopback port, in a background thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() < deadline, "server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, one_thread):
     from budgetthink.engine import load_engine
@@ -165,7 +126,7 @@ SAMPLING = Sampling(temperature=0.0, max_tokens=24)
 
 def test_openai_teacher_retries_refused_requests(tmp_path, server):
     out = tmp_path / "o.jsonl"
-    summary = distill("countdown", f"openai:{server.url}", 12, out, model_name="tiny", concurrency=8, budget=BUDGET,
+    summary = distill("countdown", f"openai:{server.url}/v1", 12, out, model_name="tiny", concurrency=8, budget=BUDGET,
                       sampling=SAMPLING, price_in=1.0, price_out=2.0, **FAST_RETRY)
     assert summary["retry_reasons"].get("HTTP 429", 0) > 0, summary  # the full queue did refuse requests ...
     assert summary["failed"] == 0 and summary["written"] == 12  # ... and every one was retried, none skipped
@@ -178,18 +139,18 @@ def test_openai_teacher_retries_refused_requests(tmp_path, server):
         u = r["usage"]
         assert r["cost"] == pytest.approx((u["prompt_tokens"] * 1.0 + u["completion_tokens"] * 2.0) / 1e6)
     with pytest.raises(UserError, match="404"):  # a wrong model name fails at once, not once per problem
-        distill("countdown", f"openai:{server.url}", 3, tmp_path / "x.jsonl", model_name="nope", **FAST_RETRY)
+        distill("countdown", f"openai:{server.url}/v1", 3, tmp_path / "x.jsonl", model_name="nope", **FAST_RETRY)
 
 
 def test_openai_teacher_refusals_are_error_lines_until_retried(tmp_path, server):
     out = tmp_path / "e.jsonl"
     # 100000 tokens exceed the tiny model's context: the server answers 400 for each problem
-    summary = distill("countdown", f"openai:{server.url}", 3, out, model_name="tiny",
+    summary = distill("countdown", f"openai:{server.url}/v1", 3, out, model_name="tiny",
                       sampling=Sampling(max_tokens=100_000), **FAST_RETRY)
     lines = read_jsonl(out)
     assert summary["errors"] == 3 and all(r["error"].startswith("HTTP 400") for r in lines)
-    assert distill("countdown", f"openai:{server.url}", 3, out, model_name="tiny", **FAST_RETRY)["written"] == 0
-    summary = distill("countdown", f"openai:{server.url}", 3, out, model_name="tiny", sampling=SAMPLING,
+    assert distill("countdown", f"openai:{server.url}/v1", 3, out, model_name="tiny", **FAST_RETRY)["written"] == 0
+    summary = distill("countdown", f"openai:{server.url}/v1", 3, out, model_name="tiny", sampling=SAMPLING,
                       budget=BUDGET, retry_errors=True, **FAST_RETRY)
     lines = read_jsonl(out)
     assert summary["written"] == 3 and len(lines) == 3 and all(r["error"] is None for r in lines)
@@ -201,7 +162,7 @@ def test_openai_teacher_resumes_after_ctrl_c_and_a_crash(tmp_path, server):
     script = (
         "from budgetthink.data.distill import distill\n"
         "from budgetthink.engine import Budget, Sampling\n"
-        f"distill('countdown', 'openai:{server.url}', {n}, {str(out)!r}, model_name='tiny', concurrency=4,\n"
+        f"distill('countdown', 'openai:{server.url}/v1', {n}, {str(out)!r}, model_name='tiny', concurrency=4,\n"
         "        budget=Budget(max_thinking_tokens=6, max_answer_tokens=8), sampling=Sampling(temperature=0.0, "
         "max_tokens=24), retries=200, backoff=0.01, max_backoff=0.05)\n")
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -222,7 +183,7 @@ def test_openai_teacher_resumes_after_ctrl_c_and_a_crash(tmp_path, server):
     todo = [p for p in get_task("countdown").generate(n, 0) if p.id not in before]
     with open(out, "a") as f:
         f.write(json.dumps({"id": todo[0].id, "task": "countdown", "thinking": "cut off"})[:25])
-    summary = distill("countdown", f"openai:{server.url}", n, out, model_name="tiny", concurrency=8, budget=BUDGET,
+    summary = distill("countdown", f"openai:{server.url}/v1", n, out, model_name="tiny", concurrency=8, budget=BUDGET,
                       sampling=SAMPLING, **FAST_RETRY)
     assert summary["skipped"] == done and summary["written"] == n - done and summary["repaired_bytes"] > 0
     ids = _ids(out)

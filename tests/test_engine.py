@@ -19,14 +19,7 @@ from budgetthink.tiny import init_model
 
 PROMPTS = ["3 5 7 -> 22\n<think>", "12+7=", "Using the numbers [1, 2, 3], make 6.\n<think>"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core box extra threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest.py)
 
 
 @pytest.fixture(scope="module")

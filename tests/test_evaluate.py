@@ -231,17 +231,6 @@ def test_run_rejects_bad_input(tmp_path):
 
 
 # --- the tiny model ----------------------------------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a shared 2-core box the tiny model decodes ~10x faster than with two."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_run_tiny_model_report(tiny_model_dir, tmp_path, one_thread):
     pytest.importorskip("budgetthink.engine.torch")
     from PIL import Image

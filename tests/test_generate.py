@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from budgetthink.engine import Budget, Sampling
 from budgetthink.errors import UserError
@@ -11,14 +10,7 @@ from budgetthink.generate import run
 from budgetthink.tasks import get_task
 from budgetthink.tiny import init_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core box extra threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest.py)
 
 
 @pytest.fixture(scope="module")

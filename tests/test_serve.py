@@ -44,7 +44,7 @@ class Server:
 
     def __enter__(self):
         self.thread.start()
-        deadline = time.time() + 20
+        deadline = time.time() + 30
         while not self.server.started:
             assert self.thread.is_alive() and time.time() < deadline, "server did not start"
             time.sleep(0.01)

@@ -19,7 +19,7 @@ import copy
 
 import test_budget_exact
 import torch
-from test_budget_exact import BUDGETS, FORMATS, PROMPTS, naive
+from test_budget_exact import BUDGETS, FORMATS, PROMPTS, assert_matches_naive
 from transformers import Qwen2ForCausalLM
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
@@ -104,18 +104,7 @@ def test_vllm_matches_naive_reference(setup, fmt_name, name):
     prompts = [fmt.prompt(p) for p in PROMPTS]
     sampling = Sampling(temperature=0, max_tokens=100)
     outs = engine.generate(prompts, sampling, n=2, budget=budget, fmt=fmt)
-    assert len(outs) == 2 * len(prompts)
-    for i, prompt in enumerate(prompts):
-        ids, sampled, counts = naive(model, tok, tok.encode(prompt), fmt, budget, sampling.max_tokens)
-        for got in outs[2 * i: 2 * i + 2]:
-            assert got.prompt_index == i
-            assert got.token_ids == ids, f"{fmt_name}/{name} prompt {i}: {got.text!r} vs {tok.decode(ids)!r}"
-            assert got.sampled == sampled
-            assert got.thinking_tokens == counts["thinking_tokens"]
-            assert got.answer_tokens == counts["answer_tokens"]
-            assert got.extensions == counts["extensions"]
-            assert got.meta["forced"] == counts["forced"]
-            assert all(lp == 0.0 for lp, s in zip(got.logprobs, got.sampled) if not s)
+    assert_matches_naive(outs, prompts, model, tok, fmt, budget, sampling.max_tokens, f"{fmt_name}/{name}")
 
 
 def test_the_cases_exercise_every_rule(setup):
