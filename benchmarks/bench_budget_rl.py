@@ -27,10 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from budgetthink import evaluate  # noqa: E402
-from budgetthink.config import load_config  # noqa: E402
-from budgetthink.jsonl import atomic_write_json, read_jsonl  # noqa: E402
-from budgetthink.train import rl  # noqa: E402
+from budgetthink import evaluate
+from budgetthink.config import load_config
+from budgetthink.jsonl import atomic_write_json, read_jsonl
+from budgetthink.train import rl
 
 GRPO, BUDGET = ROOT / "recipes" / "tiny-countdown-grpo.yaml", ROOT / "recipes" / "tiny-countdown-budget.yaml"
 
@@ -81,9 +81,9 @@ def main():
     runs["b"] = train(BUDGET, args.rl_model, work / "b-budget", args.minutes, [f"device={args.device}", *args.overrides])
 
     cfg = load_config(rl.RLConfig, BUDGET)
-    common = dict(task=cfg.task, n=args.n, seed=args.seed, budgets=budgets, fmt=cfg.format,
-                  task_options={**cfg.task_options, "split": "test"}, max_answer_tokens=64,
-                  command=" ".join(["python", "benchmarks/bench_budget_rl.py", *sys.argv[1:]]))
+    common = {"task": cfg.task, "n": args.n, "seed": args.seed, "budgets": budgets, "fmt": cfg.format,
+              "task_options": {**cfg.task_options, "split": "test"}, "max_answer_tokens": 64,
+              "command": " ".join(["python", "benchmarks/bench_budget_rl.py", *sys.argv[1:]])}
     ev_a = evaluate.run([runs["a"]["model"]], out=work / "eval-a", methods=["forced"], **common)
     ev_b = evaluate.run([runs["b"]["model"]], out=work / "eval-b", methods=["stated", "stated+forced"], **common)
 

@@ -8,7 +8,8 @@ import pytest
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "budgetthink", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "budgetthink", *args], check=False, capture_output=True, text=True,
+                          cwd=cwd)
 
 
 def test_version():

@@ -6,7 +6,7 @@
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -41,9 +41,9 @@ def _root(
 Out = Annotated[Path, typer.Option("--out", help="Output directory (or file).")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 TaskOpt = Annotated[str, typer.Option("--task", help="Task: countdown, multiply or math.")]
-TaskOptions = Annotated[Optional[list[str]], typer.Argument(help="Task options key=value, e.g. num_numbers=4 split=test.")]
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="Config overrides key=value (dotted keys nest).")]
-MaxThink = Annotated[Optional[int], typer.Option("--max-thinking-tokens", help="Force the end of thinking after this many sampled tokens.")]
+TaskOptions = Annotated[list[str] | None, typer.Argument(help="Task options key=value, e.g. num_numbers=4 split=test.")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="Config overrides key=value (dotted keys nest).")]
+MaxThink = Annotated[int | None, typer.Option("--max-thinking-tokens", help="Force the end of thinking after this many sampled tokens.")]
 MinThink = Annotated[int, typer.Option("--min-thinking-tokens", help="Suppress the end of thinking until this many sampled tokens.")]
 Extensions = Annotated[int, typer.Option("--extensions", help="Ignore the end of thinking N times, appending the extension string.")]
 ExtString = Annotated[str, typer.Option("--extension-string", help="Appended when an end of thinking is suppressed.")]
@@ -120,7 +120,7 @@ def generate(model: Annotated[str, typer.Option(help="Model directory.")], task:
         task_options=_options(options), samples=samples)
 
 
-Config = Annotated[Optional[Path], typer.Option("--config", help="Recipe YAML (see recipes/).")]
+Config = Annotated[Path | None, typer.Option("--config", help="Recipe YAML (see recipes/).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")]
 
 
@@ -135,8 +135,8 @@ def rl(out: Out, config: Config = None, resume: Resume = False, overrides: Overr
 
 @app.command()
 def sft(out: Out, config: Config = None,
-        model: Annotated[Optional[str], typer.Option(help="Model directory to fine-tune (overrides the recipe).")] = None,
-        data: Annotated[Optional[Path], typer.Option(help="JSONL of traces (overrides the recipe).")] = None,
+        model: Annotated[str | None, typer.Option(help="Model directory to fine-tune (overrides the recipe).")] = None,
+        data: Annotated[Path | None, typer.Option(help="JSONL of traces (overrides the recipe).")] = None,
         resume: Resume = False, overrides: Overrides = None):
     """Distillation fine-tuning (s1): loss on thinking and answer tokens only."""
     import os
@@ -161,7 +161,7 @@ def data_generate(task: TaskOpt, n: Annotated[int, typer.Option(help="Number of 
 
 @data_app.command("score")
 def data_score(task: TaskOpt, inp: Annotated[Path, typer.Option("--in", help="JSONL of problem fields plus `completion`.")],
-               out: Annotated[Optional[Path], typer.Option("--out", help="Write scored lines here.")] = None,
+               out: Annotated[Path | None, typer.Option("--out", help="Write scored lines here.")] = None,
                skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed lines (and count them).")] = False,
                options: TaskOptions = None):
     """Score completions: prints mean reward, accuracy and format rate."""
@@ -172,13 +172,13 @@ def data_score(task: TaskOpt, inp: Annotated[Path, typer.Option("--in", help="JS
 
 @app.command()
 def distill(task: TaskOpt, teacher: Annotated[str, typer.Option(help="solver, model:PATH or openai:BASE_URL.")],
-            out: Out, n: Annotated[Optional[int], typer.Option(help="Number of problems.")] = None, seed: Seed = 0,
-            problems: Annotated[Optional[Path], typer.Option(help="JSONL of problems instead of generating them.")] = None,
-            model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model name for an openai teacher.")] = None,
+            out: Out, n: Annotated[int | None, typer.Option(help="Number of problems.")] = None, seed: Seed = 0,
+            problems: Annotated[Path | None, typer.Option(help="JSONL of problems instead of generating them.")] = None,
+            model_name: Annotated[str | None, typer.Option("--model-name", help="Model name for an openai teacher.")] = None,
             concurrency: Annotated[int, typer.Option(help="Requests in flight (openai teacher).")] = 8,
             api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
-            price_in: Annotated[Optional[float], typer.Option(help="$ per million prompt tokens.")] = None,
-            price_out: Annotated[Optional[float], typer.Option(help="$ per million completion tokens.")] = None,
+            price_in: Annotated[float | None, typer.Option(help="$ per million prompt tokens.")] = None,
+            price_out: Annotated[float | None, typer.Option(help="$ per million completion tokens.")] = None,
             temperature: Annotated[float, typer.Option(help="Sampling temperature (model teachers).")] = 0.0,
             max_tokens: Annotated[int, typer.Option(help="Cap on sampled tokens per trace.")] = 1024,
             format: Format = "tinyzero",
@@ -199,14 +199,14 @@ def distill(task: TaskOpt, teacher: Annotated[str, typer.Option(help="solver, mo
 
 @app.command()
 def curate(inp: Annotated[Path, typer.Option("--in", help="Traces JSONL (from distill).")], out: Out,
-           n: Annotated[Optional[int], typer.Option(help="How many to select (s1: 1000).")] = 1000, seed: Seed = 0,
+           n: Annotated[int | None, typer.Option(help="How many to select (s1: 1000).")] = 1000, seed: Seed = 0,
            require_correct: Annotated[bool, typer.Option(help="Drop traces whose answer is wrong.")] = False,
-           max_chars: Annotated[Optional[int], typer.Option(help="Drop traces longer than this.")] = None,
-           difficulty_models: Annotated[Optional[str], typer.Option(help="Comma-separated models; drop what any solves.")] = None,
-           domain_field: Annotated[Optional[str], typer.Option(help="Record field holding the domain.")] = None,
-           clusters: Annotated[Optional[int], typer.Option(help="Cluster into K domains (TF-IDF + k-means).")] = None,
-           decontaminate: Annotated[Optional[list[Path]], typer.Option(help="Evaluation file to decontaminate against (repeatable).")] = None,
-           keep_field: Annotated[Optional[str], typer.Option(help="Record field marking problems to always keep.")] = None,
+           max_chars: Annotated[int | None, typer.Option(help="Drop traces longer than this.")] = None,
+           difficulty_models: Annotated[str | None, typer.Option(help="Comma-separated models; drop what any solves.")] = None,
+           domain_field: Annotated[str | None, typer.Option(help="Record field holding the domain.")] = None,
+           clusters: Annotated[int | None, typer.Option(help="Cluster into K domains (TF-IDF + k-means).")] = None,
+           decontaminate: Annotated[list[Path] | None, typer.Option(help="Evaluation file to decontaminate against (repeatable).")] = None,
+           keep_field: Annotated[str | None, typer.Option(help="Record field marking problems to always keep.")] = None,
            format: Format = "tinyzero"):
     """s1K-style selection: quality, difficulty, diversity, decontamination; writes funnel.json and a PNG."""
     from budgetthink.data.curate import curate as run
@@ -221,12 +221,12 @@ def curate(inp: Annotated[Path, typer.Option("--in", help="Traces JSONL (from di
 def eval_(model: Annotated[list[str], typer.Option(help="Model directory (repeatable).")], out: Out,
           task: TaskOpt = "countdown", n: Annotated[int, typer.Option(help="Problems.")] = 100, seed: Seed = 0,
           budgets: Annotated[str, typer.Option(help="Maximum thinking budgets, e.g. 16,32,64,128.")] = "16,32,64,128",
-          extensions: Annotated[Optional[str], typer.Option(help="Extension counts, e.g. 0,1,2,4.")] = None,
+          extensions: Annotated[str | None, typer.Option(help="Extension counts, e.g. 0,1,2,4.")] = None,
           samples: Annotated[int, typer.Option(help="K samples per problem for majority vote and pass@k.")] = 1,
           budget_in_prompt: Annotated[bool, typer.Option(help="State each budget in the prompt.")] = False,
           force: Annotated[bool, typer.Option(help="Enforce the budget by budget forcing.")] = True,
           engine: Annotated[str, typer.Option(help="torch or vllm.")] = "torch", format: Format = "tinyzero",
-          methods: Annotated[Optional[str], typer.Option(help="Several of forced,stated,stated+forced in one report.")] = None,
+          methods: Annotated[str | None, typer.Option(help="Several of forced,stated,stated+forced in one report.")] = None,
           temperature: Annotated[float, typer.Option(help="Temperature for the K samples.")] = 1.0,
           max_answer_tokens: MaxAnswer = 64, options: TaskOptions = None):
     """Test-time scaling report: accuracy over thinking budgets, s1's metrics, majority vote; PNG + HTML."""
@@ -243,11 +243,11 @@ def eval_(model: Annotated[list[str], typer.Option(help="Model directory (repeat
 def serve(model: Annotated[str, typer.Option(help="Model directory.")],
           host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="Port.")] = 8000,
-          api_key: Annotated[Optional[str], typer.Option(help="Require this bearer key.")] = None,
+          api_key: Annotated[str | None, typer.Option(help="Require this bearer key.")] = None,
           max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 32,
           max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond it 429.")] = 256,
           engine: Annotated[str, typer.Option(help="torch or vllm.")] = "torch", format: Format = "tinyzero",
-          out: Annotated[Optional[Path], typer.Option(help="Record the session in OUT/ledger.jsonl on shutdown.")] = None):
+          out: Annotated[Path | None, typer.Option(help="Record the session in OUT/ledger.jsonl on shutdown.")] = None):
     """OpenAI-compatible API with thinking budgets (max_thinking_tokens, min_thinking_tokens, thinking_extensions)."""
     from budgetthink.serve import run
 
@@ -258,7 +258,7 @@ def serve(model: Annotated[str, typer.Option(help="Model directory.")],
 @app.command()
 def cost(run_dirs: Annotated[list[Path], typer.Argument(help="Run directories holding ledger.jsonl files.")],
          as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
-         prices: Annotated[Optional[Path], typer.Option(help="YAML price table overriding the defaults.")] = None):
+         prices: Annotated[Path | None, typer.Option(help="YAML price table overriding the defaults.")] = None):
     """The bill: every stage's cost, priced and unpriced lines, and what it leaves out."""
     from budgetthink import ledger
 
@@ -270,11 +270,11 @@ def estimate(recipe: Annotated[Path, typer.Option(help="Recipe YAML (sft or rl).
              gpu: Annotated[str, typer.Option(help="GPU kind from the price table, e.g. h100.")] = "h100",
              gpus: Annotated[int, typer.Option(help="Number of GPUs.")] = 1,
              mfu: Annotated[float, typer.Option(help="Model FLOPs utilisation assumed for training.")] = 0.4,
-             gen_mfu: Annotated[Optional[float], typer.Option(help="Utilisation assumed for generation.")] = None,
-             tokens: Annotated[Optional[float], typer.Option(help="Override: tokens trained.")] = None,
-             gen_tokens: Annotated[Optional[float], typer.Option(help="Override: tokens generated.")] = None,
-             params: Annotated[Optional[float], typer.Option(help="Override: model parameters.")] = None,
-             prices: Annotated[Optional[Path], typer.Option(help="YAML price table overriding the defaults.")] = None,
+             gen_mfu: Annotated[float | None, typer.Option(help="Utilisation assumed for generation.")] = None,
+             tokens: Annotated[float | None, typer.Option(help="Override: tokens trained.")] = None,
+             gen_tokens: Annotated[float | None, typer.Option(help="Override: tokens generated.")] = None,
+             params: Annotated[float | None, typer.Option(help="Override: model parameters.")] = None,
+             prices: Annotated[Path | None, typer.Option(help="YAML price table overriding the defaults.")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
     """Project wall time, GPU-hours and dollars for a recipe at full scale."""
     from budgetthink import ledger
@@ -297,7 +297,7 @@ def export_verl(task: TaskOpt, out: Out,
 @app.command()
 def demo(out: Out = Path("runs/demo"),
          quick: Annotated[bool, typer.Option("--quick", help="Smaller settings: a few minutes.")] = False,
-         preset: Annotated[Optional[str], typer.Option(help="Tiny preset for the base (default small).")] = None):
+         preset: Annotated[str | None, typer.Option(help="Tiny preset for the base (default small).")] = None):
     """Every stage on the tiny model: base, RL, distil + curate + SFT, test-time scaling, the bill, a report."""
     from budgetthink.demo import run
 

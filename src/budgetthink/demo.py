@@ -207,9 +207,9 @@ def report(out: Path, bill: dict) -> Path:
                [[ln["stage"], f"{ln['wall_s']:.0f} s", f"{ln['device_hours']:.4f}", ln["tokens_generated"],
                  ln["tokens_trained"], "unpriced" if ln.get("cost") is None else f"{ln['cost']:.4f}"]
                 for ln in bill.get("lines", [])]),
-        f"<p>Total of priced lines: ${total.get('cost') or 0:.4f} over {total.get('device_hours', 0):.3f} "
-        f"device-hours; unpriced lines: {total.get('unpriced_lines', 0)}. A CPU is priced at $0 (your own machine); "
-        f"see <code>budgetthink cost {html.escape(str(out))}</code> for the sources of every price.</p>",
+        (f"<p>Total of priced lines: ${total.get('cost') or 0:.4f} over {total.get('device_hours', 0):.3f} "
+         f"device-hours; unpriced lines: {total.get('unpriced_lines', 0)}. A CPU is priced at $0 (your own machine); "
+         f"see <code>budgetthink cost {html.escape(str(out))}</code> for the sources of every price.</p>"),
     ]
     style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;line-height:1.4}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"

@@ -52,8 +52,7 @@ class ThinkFormat:
         head, sep, tail = text.partition(self.think_close)
         if not sep:
             return text, ""
-        if tail.startswith(self.answer_prefix):
-            tail = tail[len(self.answer_prefix):]
+        tail = tail.removeprefix(self.answer_prefix)
         return head, tail
 
     def delimiters(self) -> list[str]:

@@ -10,8 +10,9 @@
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from budgetthink.errors import UserError
 
@@ -31,7 +32,7 @@ def iter_jsonl(path: str | Path, skip_bad: bool = False, stats: dict | None = No
         try:
             record = json.loads(raw)
             if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
+                raise ValueError("not a JSON object")  # noqa: TRY004 -- handled below like bad JSON
         except ValueError as e:
             if last and not complete:  # half-written by a crash: ignore, a rerun redoes it
                 continue
