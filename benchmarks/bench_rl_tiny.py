@@ -5,11 +5,13 @@ same `small` tiny base under the same wall-time budget; writes benchmarks/result
 
 The base is `tiny.cached_build("small")` unless --base is given (built and pretrained here if not cached).
 Each algorithm runs its recipe (recipes/tiny-countdown-{algo}.yaml) with `max_minutes` set to the budget;
-extra key=value overrides apply to every run. Target (issue): greedy held-out accuracy rises by at least 15
+extra key=value overrides apply to every run. Runs of algorithms not in --algos are kept from an
+earlier JSON of the same base and budget. Target (issue): greedy held-out accuracy rises by at least 15
 points absolute, or doubles, whichever is more, within 10 minutes on a 2-core machine.
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -71,8 +73,14 @@ def main():
                   f"{start:.3f} -> {final:.3f} (best {runs[algo]['best_accuracy']:.3f}; target {target:.3f}: "
                   f"{'met' if final >= target else 'not met'})")
 
-    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cores": os.cpu_count()},
-              "base": str(args.base), "minutes": args.minutes, "runs": runs}
+    base = str(args.base.resolve().relative_to(ROOT)) if args.base.resolve().is_relative_to(ROOT) else str(args.base)
+    if args.out.exists():  # runs of other algorithms from the same base and budget stay (--algos runs a subset)
+        before = json.loads(args.out.read_text())
+        if before.get("base") == base and before.get("minutes") == args.minutes:
+            runs = {**before["runs"], **runs}
+    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cores": os.cpu_count(),
+                          "load_average_at_end": os.getloadavg()},
+              "base": base, "minutes": args.minutes, "runs": runs}
     atomic_write_json(args.out, result)
 
     import matplotlib

@@ -40,6 +40,16 @@ def test_grpo_without_std_and_dr_grpo():
     close(L.dr_grpo_advantages(t(REWARDS), n=4), want)
 
 
+def test_groups_of_equal_rewards_get_exactly_zero():
+    # eight format-only rewards (0.1 in float32): their float32 mean is 0.1 + 7.45e-9, which divided by
+    # std + eps = 0 + 1e-6 would give every sample -0.0075. The second group has spread: 1 - 0.2125 etc.
+    rewards = t([0.1] * 8 + [0.1] * 7 + [1.0])
+    for adv in (L.grpo_advantages(rewards, n=8), L.dr_grpo_advantages(rewards, n=8), L.rloo_advantages(rewards, n=8)):
+        assert adv[:8].tolist() == [0.0] * 8
+    # group 2, no std: mean 0.2125 -> 0.1 - 0.2125 = -0.1125 (x7), 1 - 0.2125 = 0.7875
+    close(L.dr_grpo_advantages(rewards, n=8)[8:], [-0.1125] * 7 + [0.7875])
+
+
 def test_grpo_group_of_one_is_the_reward():
     close(L.grpo_advantages(t([0.1, 1.0]), n=1), [0.1, 1.0])
 

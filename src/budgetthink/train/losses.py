@@ -74,14 +74,22 @@ def grpo_advantages(rewards: torch.Tensor, n: int, norm_std: bool = True, eps: f
     """GRPO: rewards [B] -> advantages [B]: (r - group mean) / (group std + eps), std unbiased.
 
     Without std normalisation this is Dr. GRPO's advantage. A group of one (n=1) has no baseline:
-    its advantage is its reward (mean 0, std 1), as veRL does."""
+    its advantage is its reward (mean 0, std 1), as veRL does. A group whose rewards are all equal gets
+    exactly 0: in float32 the mean of eight 0.1s is off by ~7e-9, and divided by std + eps = 1e-6 that
+    would be an advantage of -0.0075 on every sample of the group, a steady push away from the model's own
+    samples in the most common kind of group."""
     g = _groups(rewards, n)  # [B/n, n]
     if n == 1:
         return rewards.clone()
-    centred = g - g.mean(dim=1, keepdim=True)  # [B/n, n]
+    centred = (g - g.mean(dim=1, keepdim=True)) * _spread(g)  # [B/n, n]
     if norm_std:
         centred = centred / (g.std(dim=1, keepdim=True) + eps)
     return centred.reshape(-1)
+
+
+def _spread(g: torch.Tensor) -> torch.Tensor:
+    """1 for groups whose rewards differ, 0 for groups of equal rewards: [B/n, n] -> [B/n, 1]."""
+    return (g.amax(dim=1, keepdim=True) > g.amin(dim=1, keepdim=True)).to(g.dtype)
 
 
 def dr_grpo_advantages(rewards: torch.Tensor, n: int) -> torch.Tensor:
@@ -95,7 +103,7 @@ def rloo_advantages(rewards: torch.Tensor, n: int) -> torch.Tensor:
         raise ValueError("RLOO needs at least 2 samples per prompt (n >= 2)")
     g = _groups(rewards, n)  # [B/n, n]
     others = (g.sum(dim=1, keepdim=True) - g) / (n - 1)  # [B/n, n] leave-one-out baseline
-    return (g - others).reshape(-1)
+    return ((g - others) * _spread(g)).reshape(-1)  # equal rewards: exactly 0 (see grpo_advantages)
 
 
 def outcome_advantages(estimator: str, rewards: torch.Tensor, n: int, norm_std: bool = True) -> torch.Tensor:
