@@ -480,13 +480,16 @@ def cached_build(preset: str = "test", cache_dir: Path = Path(".cache/tiny"), se
                  progress: bool = False) -> Path:
     """The directory of a build with these settings under `cache_dir`, building it first if there is none.
 
-    Builds are keyed by a hash of everything they depend on (see `settings`), so a changed recipe is rebuilt
-    and an unchanged one is reused. A lock
-    file keeps concurrent callers from building the same model twice.
+    Builds are keyed by a hash of their settings (see `settings`) without the source hash: a changed shape,
+    schedule, seed or RECIPE_VERSION is rebuilt, while an edit to the task or format code that leaves the corpus
+    alone (a lint fix) does not throw away minutes of pretraining; bump RECIPE_VERSION when the corpus changes.
+    The source hash stays in build_report.json. A lock file keeps concurrent callers from building the same
+    model twice.
     """
     import fcntl
 
-    key = hashlib.sha256(json.dumps(settings(preset, seed), sort_keys=True).encode()).hexdigest()[:12]
+    keyed = {k: v for k, v in settings(preset, seed).items() if k != "code_sha256"}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     cache_dir = Path(cache_dir)
     out = cache_dir / f"tiny-{preset}-s{seed}-{key}"
     if (out / "build_report.json").is_file():
