@@ -157,11 +157,6 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _name(model: str) -> str:
-    p = Path(model)
-    return p.parent.name if p.name == "model" else p.name
-
-
 def _num(x) -> str:
     return "-" if x is None else f"{x:.1f}"
 
@@ -172,6 +167,8 @@ def _pct(x) -> str:
 
 def report(out: Path, bill: dict) -> Path:
     """DIR/report.html: one page with every stage's plot and table, and the bill."""
+    from budgetthink.evaluate import short_name
+
     base = _done(out / ".done" / "base.json") or {}
     evals = json.loads((out / "eval" / "results.json").read_text()) if (out / "eval" / "results.json").exists() else {}
     funnel = json.loads((out / "curate" / "funnel.json").read_text()) if (out / "curate" / "funnel.json").exists() else {}
@@ -199,7 +196,7 @@ def report(out: Path, bill: dict) -> Path:
         '<p>Full tables: <a href="eval/report.html">eval/report.html</a></p>',
         _table(["model", "method", "Control (%)", "Scaling (points / 1k tokens)", "Performance (%)",
                 "majority@K (%)", "pass@K (%)"],
-               [[_name(v["model"]), v["method"], _num(v.get("control")), _num(v.get("scaling")),
+               [[short_name(v["model"]), v["method"], _num(v.get("control")), _num(v.get("scaling")),
                  _num(v.get("performance")), _num(v.get("majority_at_K")), _num(v.get("pass_at_K"))]
                 for v in evals.get("summary", [])]),
         "<h2>5. The bill</h2>",

@@ -313,7 +313,7 @@ def plot(results: dict, path: Path) -> None:
             notes.setdefault((round(x, 1), round(y, 1), color, below), []).append(text)
 
     for i, (model, method) in enumerate(lines):
-        color, name = colors[i % len(colors)], f"{_short(model)}: {METHOD_LABELS[method]}"
+        color, name = colors[i % len(colors)], f"{short_name(model)}: {METHOD_LABELS[method]}"
         rows = [r for r in results["rows"] if (r["model"], r["method"]) == (model, method)]
         seq = [r for r in rows if r["kind"] == "budget"]  # rows come sorted by budget
         if seq:
@@ -322,7 +322,7 @@ def plot(results: dict, path: Path) -> None:
         ext = [r for r in rows if r["kind"] == "ext"]
         if ext:
             draw([(r["thinking_tokens"], r["accuracy"]) for r in ext], [r["setting"] for r in ext], ":", "s",
-                 color, f"{_short(model)}: extensions (\"{results.get('extension_string', 'Wait')}\")", False)
+                 color, f"{short_name(model)}: extensions (\"{results.get('extension_string', 'Wait')}\")", False)
         par = [p for p in results["parallel"] if (p["model"], p["method"]) == (model, method)]
         if par:
             draw([(p["total_thinking_tokens"], p["majority_accuracy"]) for p in par], [f"k={p['k']}" for p in par],
@@ -353,9 +353,11 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _short(model: str) -> str:
+def short_name(model: str) -> str:
+    """A model's name in tables and legends: its directory, or the run's for a run's `model` folder
+    (runs/rl/model -> rl), so two runs' models do not both read "model"."""
     p = Path(str(model))
-    return p.name or str(model)
+    return (p.parent.name if p.name == "model" and p.parent.name else p.name) or str(model)
 
 
 def _fmt(v, digits=1) -> str:
@@ -432,7 +434,7 @@ def summary_text(results: dict) -> str:
     head = f"{'model':<28} {'method':<14} {'Control%':>8} {'Scaling':>9} {'Perf%':>6} {'best':>8} {'ctl err':>7}"
     lines = [head]
     for s in results["summary"]:
-        lines.append(f"{_short(s['model'])[:28]:<28} {s['method']:<14} {_fmt(s['control']):>8} "
+        lines.append(f"{short_name(s['model'])[:28]:<28} {s['method']:<14} {_fmt(s['control']):>8} "
                      f"{_fmt(s['scaling']):>9} {_fmt(s['performance']):>6} {s['best_setting']:>8} "
                      f"{_fmt(s['control_error'], 3):>7}" + (f"  majority@{s['K']} {_fmt(s['majority_at_K'])}%"
                                                           f"  pass@{s['K']} {_fmt(s['pass_at_K'])}%" if s["K"] else ""))
@@ -572,7 +574,7 @@ def _run(models: list[str], task: str, n: int, seed: int, budgets: list[int], ex
             # max_tokens counts every sampled token, removed end-of-thinking tokens included: leave room for them
             room = s.max_thinking + max_answer_tokens + DELIMITER_ROOM * (s.extensions + 1)
             sampling = Sampling(temperature=s.temperature, max_tokens=room, seed=seed)
-            bar = progress.add_task(f"{_short(model)} {method} {s.label}", total=want)
+            bar = progress.add_task(f"{short_name(model)} {method} {s.label}", total=want)
             new = []
             for start in range(0, n, batch_size):
                 chunk = problems[start:start + batch_size]
