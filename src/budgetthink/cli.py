@@ -296,8 +296,10 @@ def export_verl(task: TaskOpt, out: Out,
 
 @app.command()
 def demo(out: Out = Path("runs/demo"),
-         quick: Annotated[bool, typer.Option("--quick", help="Smaller settings: a few minutes.")] = False,
-         preset: Annotated[str | None, typer.Option(help="Tiny preset for the base (default small).")] = None):
+         quick: Annotated[bool, typer.Option("--quick", help="Under 5 minutes: the `test` preset base "
+                                             "(~0.1M parameters, built in a minute), smaller settings.")] = False,
+         preset: Annotated[str | None, typer.Option(help="Tiny preset for the base (default: small; test with "
+                                                   "--quick).")] = None):
     """Every stage on the tiny model: base, RL, distil + curate + SFT, test-time scaling, the bill, a report."""
     from budgetthink.demo import run
 

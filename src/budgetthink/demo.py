@@ -1,8 +1,7 @@
 """The main job: every stage on the tiny model, and what each bought.
 
     budgetthink demo --out runs/demo            # about 30 minutes on 2 cores (make demo)
-    budgetthink demo --out runs/demo --quick    # a few minutes with smaller settings
-    budgetthink demo --out runs/demo-test --quick --preset test   # what the test suite runs
+    budgetthink demo --out runs/demo --quick    # under 5 minutes: the `test` preset base, smaller settings
 
 Stages, each resumable (a demo interrupted and rerun picks up where it stopped):
 1. base:    build and pretrain the tiny model (reused from a cache keyed by its settings)
@@ -43,7 +42,7 @@ class DemoSettings(BaseModel):
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(rl_steps=4, rl_overrides=["eval_every=2", "eval_size=32", "save_every=2", "prompts_per_step=8",
+QUICK = DemoSettings(preset="test", rl_steps=4, rl_overrides=["eval_every=2", "eval_size=32", "save_every=2", "prompts_per_step=8",
                                                "n=4", "max_response_tokens=128"],
                      distill_n=600, curate_n=300, sft_overrides=["epochs=1", "log_every=5"], eval_n=32,
                      budgets=[16, 64, 256], samples=4)
