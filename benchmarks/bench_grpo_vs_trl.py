@@ -204,8 +204,9 @@ def main():
     for side in filter(None, (ours, trl)):
         for key in ("step_s", "generate_s", "train_s", "step_cpu_s", "generate_cpu_s", "train_cpu_s"):
             side[f"median_{key}"] = median_after_first(side["steps"], key)
-    # our training throughput: 6 flops per matmul parameter per token (forward + backward), over train_s
-    train_flops = [6 * n_matmul * (s["tokens_generated"] + prompt_tokens * args.prompts * args.n) for s in ours["steps"]]
+    # our training throughput: 6 flops per matmul parameter per token (forward + backward), over train_s; a
+    # group's prompt goes through the model once (shared prefix), so prompt tokens count once per prompt
+    train_flops = [6 * n_matmul * (s["tokens_generated"] + prompt_tokens * args.prompts) for s in ours["steps"]]
     ours["train_gflops"] = statistics.median([f / s["train_s"] / 1e9 for f, s in zip(train_flops, ours["steps"])][1:]
                                              or [train_flops[0] / ours["steps"][0]["train_s"] / 1e9])
     result = {
