@@ -35,6 +35,12 @@ from budgetthink.train import rl
 GRPO, BUDGET = ROOT / "recipes" / "tiny-countdown-grpo.yaml", ROOT / "recipes" / "tiny-countdown-budget.yaml"
 
 
+def shown(path: Path) -> str:
+    """A path as the JSON records it: relative to the repository when inside it (no machine paths)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def train(recipe: Path, model: Path, out: Path, minutes: float | None, overrides: list[str]) -> dict:
     """Train `recipe` from `model` into `out` for `minutes` of wall time (None: the recipe's max_steps);
     resumed if `out` holds an unfinished run, reused if it holds a finished one."""
@@ -43,9 +49,9 @@ def train(recipe: Path, model: Path, out: Path, minutes: float | None, overrides
     t = time.perf_counter()
     done = (out / "model" / "config.json").exists()
     records = read_jsonl(out / "metrics.jsonl") if done else rl.train(cfg, out, resume=out.exists())
-    return {"recipe": str(recipe.relative_to(ROOT)), "from": str(model), "steps": len(records),
+    return {"recipe": str(recipe.relative_to(ROOT)), "from": shown(model), "steps": len(records),
             "wall_s": round(time.perf_counter() - t, 1) if not done else None,
-            "train_s": round(sum(r["step_s"] for r in records), 1), "model": str(out / "model"),
+            "train_s": round(sum(r["step_s"] for r in records), 1), "model": shown(out / "model"),
             "last_metrics": {k: v for k, v in records[-1].items() if not k.endswith("_s")} if records else {}}
 
 
@@ -75,7 +81,7 @@ def main():
 
             base = tiny.cached_build("small", ROOT / ".cache" / "tiny", progress=True)
         runs["plain_rl"] = train(GRPO, base, work / "plain", None, [f"device={args.device}"])  # the recipe as is
-        args.rl_model = Path(runs["plain_rl"]["model"])
+        args.rl_model = ROOT / runs["plain_rl"]["model"]
     shared = [f"device={args.device}", *(o for o in args.overrides if not o.startswith("budget_curriculum"))]
     runs["a"] = train(GRPO, args.rl_model, work / "a-plain-more", args.minutes, ["seed=1", *shared])
     runs["b"] = train(BUDGET, args.rl_model, work / "b-budget", args.minutes, [f"device={args.device}", *args.overrides])
@@ -84,8 +90,8 @@ def main():
     common = {"task": cfg.task, "n": args.n, "seed": args.seed, "budgets": budgets, "fmt": cfg.format,
               "task_options": {**cfg.task_options, "split": "test"}, "max_answer_tokens": 64,
               "command": " ".join(["python", "benchmarks/bench_budget_rl.py", *sys.argv[1:]])}
-    ev_a = evaluate.run([runs["a"]["model"]], out=work / "eval-a", methods=["forced"], **common)
-    ev_b = evaluate.run([runs["b"]["model"]], out=work / "eval-b", methods=["stated", "stated+forced"], **common)
+    ev_a = evaluate.run([str(ROOT / runs["a"]["model"])], out=work / "eval-a", methods=["forced"], **common)
+    ev_b = evaluate.run([str(ROOT / runs["b"]["model"])], out=work / "eval-b", methods=["stated", "stated+forced"], **common)
 
     def arm(ev, method):
         rows = {r["budget"]: r for r in ev["rows"] if r["method"] == method and r["kind"] == "budget"}

@@ -51,6 +51,7 @@ def main():
 
         args.base = tiny.cached_build("small", ROOT / ".cache" / "tiny", progress=True)
 
+    base = str(args.base.resolve().relative_to(ROOT)) if args.base.resolve().is_relative_to(ROOT) else str(args.base)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for algo in args.algos.split(","):
@@ -62,7 +63,7 @@ def main():
             points = curve(Path(tmp) / algo)
             start, final = points[0]["accuracy"], points[-1]["accuracy"]
             target = max(start + 0.15, 2 * start)
-            runs[algo] = {"recipe": str(recipe.relative_to(ROOT)), "config": cfg.model_dump(mode="json"),
+            runs[algo] = {"recipe": str(recipe.relative_to(ROOT)), "config": cfg.model_dump(mode="json") | {"model": base},
                           "wall_s": time.perf_counter() - t, "steps": len(records),
                           "median_step_s": sorted(r["step_s"] for r in records)[len(records) // 2],
                           "curve": points, "start_accuracy": start, "final_accuracy": final,
@@ -73,7 +74,6 @@ def main():
                   f"{start:.3f} -> {final:.3f} (best {runs[algo]['best_accuracy']:.3f}; target {target:.3f}: "
                   f"{'met' if final >= target else 'not met'})")
 
-    base = str(args.base.resolve().relative_to(ROOT)) if args.base.resolve().is_relative_to(ROOT) else str(args.base)
     if args.out.exists():  # runs of other algorithms from the same base and budget stay (--algos runs a subset)
         before = json.loads(args.out.read_text())
         if before.get("base") == base and before.get("minutes") == args.minutes:
