@@ -102,7 +102,8 @@ def apply_lora(model, cfg: LoRA):
 def load_model(name: str, ckpt: Path | None, lora: LoRA | None, gradient_checkpointing: bool, hint: str,
                **from_pretrained):
     """(model, tokenizer): from `name`, or on a resume from the checkpoint's model/. With LoRA the base is always
-    `name` and the adapters come from the checkpoint (or are new). `hint` ends the error when loading fails."""
+    `name` and the adapters come from the checkpoint (or are new). `hint` ends the error when loading fails.
+    The tokenizer must have an end-of-text token (completions stop on it); padding falls back to it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = ckpt / "model" if ckpt else name
@@ -112,6 +113,10 @@ def load_model(name: str, ckpt: Path | None, lora: LoRA | None, gradient_checkpo
         model = AutoModelForCausalLM.from_pretrained(base, **from_pretrained)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {base} ({str(e).splitlines()[0]}); {hint}") from None
+    if tokenizer.eos_token is None:
+        raise UserError(f"tokenizer of {base} has no end-of-text token; set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     if lora:
         from peft import PeftModel
 

@@ -238,8 +238,6 @@ def setup(cfg: RLConfig, out: Path, resume: bool) -> Run:
     model, tokenizer = load_model(cfg.model, ckpt, cfg.lora, cfg.gradient_checkpointing, dtype=torch.float32,
                                   hint="build one with `budgetthink tiny --out DIR` and set model=DIR")
     model = model.to(device)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     task, train_set, eval_set = _data(cfg)
     optimizer = make_optimizer(model, cfg.optim)
     run = Run(cfg=cfg, out=out, device=device, model=model, tokenizer=tokenizer,

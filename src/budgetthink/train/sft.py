@@ -313,10 +313,6 @@ def setup(cfg: SFTConfig, out: Path, resume: bool) -> Run:
     model, tokenizer = load_model(cfg.model, ckpt, cfg.lora, cfg.gradient_checkpointing, dtype=torch.float32,
                                   attn_implementation=attn, hint="pass --model DIR with a model directory (build one "
                                   "with `budgetthink tiny --out DIR`)")
-    if tokenizer.eos_token is None:
-        raise UserError(f"tokenizer of {cfg.model} has no end-of-text token; set eos_token in its tokenizer_config.json")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     examples, stats = load_examples(cfg.data, tokenizer, get_format(cfg.format), cfg)
     lengths = [len(e.ids) for e in examples]
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
