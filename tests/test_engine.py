@@ -42,12 +42,12 @@ def full_logits(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
-def plain_greedy(model, tok, prompt: str, max_tokens: int) -> list[int]:
+def plain_greedy(model, tok, prompt: str, max_tokens: int, stop_ids=None) -> list[int]:
     ids, out = tok.encode(prompt), []
     for _ in range(max_tokens):
         x = int(full_logits(model, ids + out).argmax())
         out.append(x)
-        if x == tok.eos_token_id:
+        if x in (stop_ids or [tok.eos_token_id]):
             break
     return out
 
@@ -154,6 +154,22 @@ def test_finished_rows_leave_the_batch(model_tok):
     assert rows[1] == 48 and min(rows[1:]) < 48 and rows == [rows[0]] + sorted(rows[1:], reverse=True)
     for o in outs:
         assert len(o.token_ids) == 60 or (o.token_ids[-1] in digits and not set(o.token_ids[:-1]) & set(digits))
+
+
+def test_rows_dropped_and_cache_grown_mid_run_keep_exact_outputs(model_tok):
+    """Rows leave the batch at different steps (the cache keeps only the live rows' used positions) and the rest
+    run past the room left after the prefill (the cache grows): every row still equals the plain forward's."""
+    model, tok = model_tok
+    stop = tok.encode("0123456789")
+    engine = TorchEngine(model, tok, eos_token_ids=stop)
+    prompts = PROMPTS + [p[::-1] for p in PROMPTS] + ["1 2 3 -> 6\n<think>", "no digits here", "(", "9"]
+    outs = engine.generate(prompts, Sampling(temperature=0, max_tokens=150))
+    lengths = []
+    for prompt, o in zip(prompts, outs):
+        want = plain_greedy(model, tok, prompt, 150, stop)
+        assert o.token_ids == want, prompt
+        lengths.append(len(want))
+    assert min(lengths) < 20 and max(lengths) > 100  # some rows leave early, some need the cache to grow
 
 
 def test_stop_strings(model_tok, engine):

@@ -21,7 +21,8 @@ A hand-written decoding loop (no `model.generate`), built for RL and evaluation 
   layer and step when a mask is given). It is exact scaled-dot-product attention; models with sliding
   windows, soft-capping or attention sinks are not supported by this engine.
 - **Shared prefill.** The n samples of a prompt share one prefill; the cache rows are then repeated.
-- **Finished rows** are dropped (index-select of cache and state) once an eighth of the batch is done.
+- **Finished rows** are dropped once an eighth of the batch is done: the live rows' used cache positions are
+  copied into buffers with some room to grow (doubled when a row needs more), not the whole capacity.
 - **Sampling**: greedy (temperature 0), temperature, top-k, top-p, seeded with a torch.Generator. The
   log-probability of each sampled token is taken under the distribution actually sampled from (after
   temperature, top-k and top-p); under greedy it is the plain log-softmax of the logits. Inserted tokens
@@ -88,9 +89,9 @@ class RowCache(Cache):
             self.keys.append(key_states.new_zeros(B, Hkv, self.cap, D))
             self.values.append(value_states.new_zeros(B, Hkv, self.cap, value_states.shape[-1]))
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
-        k[rows, :, self.pos] = key_states.transpose(1, 2)  # [B, L, Hkv, D] into the rows' slots
-        v[rows, :, self.pos] = value_states.transpose(1, 2)
+        at = self.pos[:, None, :, None]  # [B, 1, L, 1]: row b's slot l goes to position pos[b, l]
+        k.scatter_(2, at.expand_as(key_states), key_states)
+        v.scatter_(2, at.expand_as(value_states), value_states)
         return k[:, :, : self.used], v[:, :, : self.used]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -107,10 +108,16 @@ class RowCache(Cache):
         self.cap = new
 
     def select(self, idx: torch.Tensor) -> None:
-        """Keep (or repeat) rows `idx`."""
+        """Keep (or repeat) rows `idx`. Only the used positions are copied, into buffers with half as much room
+        again to grow (`reserve` doubles them when a row needs more), so dropping finished rows costs a copy of
+        what is live, not of the whole preallocated capacity."""
+        used, cap = self.used, min(self.cap, self.used + max(64, self.used // 2))
         for buf in (self.keys, self.values):
             for i, t in enumerate(buf):
-                buf[i] = t.index_select(0, idx)
+                new = t.new_zeros(len(idx), t.shape[1], cap, t.shape[3])
+                new[:, :, :used] = t[:, :, :used].index_select(0, idx)
+                buf[i] = new
+        self.cap = cap
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None):
