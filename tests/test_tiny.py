@@ -102,7 +102,7 @@ def test_cached_build_reuses_the_directory(tiny_model_dir):
 
 def _corpus(**update):
     s = tiny.Schedule(steps=10, batch_size=4, lr=1e-3, warmup_steps=1, train_problems=40, arith_share=0.0,
-                      empty_share=0.0, wait_share=0.0, budget_share=0.0).model_copy(update=update)
+                      empty_share=0.0, wait_share=0.0).model_copy(update=update)
     return tiny.build_corpus(seed=3, s=s)
 
 
@@ -120,7 +120,7 @@ def _problem(task, doc):
 def test_never_giving_up_gives_the_solver_traces():
     task, fmt = get_task("countdown", template="compact"), get_format("tinyzero")
     docs, stats = _corpus(give_up=[0.0])
-    assert stats["kinds"] == {"solved": 40, "give_up": 0, "empty": 0, "budget": 0, "arithmetic": 0}
+    assert stats["kinds"] == {"solved": 40, "give_up": 0, "empty": 0, "arithmetic": 0}
     for doc in docs:
         problem = _problem(task, doc)
         assert doc == _solver_doc(task, fmt, problem)
@@ -152,33 +152,6 @@ def test_waiting_instead_of_giving_up_writes_the_extension_and_searches_on():
         lines = trace.thinking.split("\n")
         expected = "Wait\n".join(lines[:-1]) + "\n" + lines[-1]  # "Wait" at every line end before the hit
         assert doc == fmt.prompt(problem.prompt) + fmt.completion(expected, trace.answer)
-
-
-def test_budgeted_attempts_search_until_the_next_step_would_not_fit():
-    task, fmt = get_task("countdown", template="compact"), get_format("tinyzero")
-    docs, stats = _corpus(budget_share=1.0, budget_range=(10, 80), steps=25)
-    assert stats["kinds"]["budget"] == len(docs) == 100
-    whole = cut = 0
-    for doc in docs:
-        problem = _problem(task, doc)
-        budget = int(re.search(r"\[budget (\d+)\]<think>", doc).group(1))
-        assert 10 <= budget <= 80
-        assert doc.startswith(fmt.prompt(problem.prompt, budget=budget))
-        thinking, answer = fmt.split(doc[len(fmt.prompt(problem.prompt, budget=budget)):])
-        trace = task.solve(problem)
-        assert len(thinking) <= budget and trace.thinking.startswith(thinking)
-        if thinking == trace.thinking:  # the whole search fits: solved
-            whole += 1
-            assert answer == trace.answer
-        else:  # cut at a step boundary, and the next step would not have fit
-            cut += 1
-            rest = trace.thinking[len(thinking):]
-            assert rest[0] in " \n"
-            next_step = re.match(r"[ \n][^ \n]*", rest).group(0)
-            assert len(thinking) + len(next_step) > budget
-            guess = answer.removeprefix("<answer>").removesuffix("</answer>")  # each number once
-            assert sorted(map(int, re.findall(r"\d+", guess))) == sorted(problem.answer["numbers"])
-    assert whole >= 3 and cut > 20  # both cases occur
 
 
 def test_corpus_mix_and_determinism():

@@ -27,10 +27,6 @@ but has *not* been taught to solve Countdown (a base that RL and budget forcing 
   what RL can reward and what a larger thinking budget buys. A few attempts, instead of giving up, write the extension
   string ("Wait") and go on searching, so that budget forcing's extensions mean something to this model.
 - A few attempts with empty thinking and a guess.
-- Attempts told a thinking budget in the prompt (`[budget B]`, the tinyzero format's budget phrase), which
-  search until the next step would not fit in B characters and then guess: without them the phrase is
-  unknown to the model and stating it drops greedy accuracy about tenfold (9% to 1%, measured on the demo's RL
-  model), so budget-aware RL would start from a broken model.
 - Arithmetic drills: lines of one-step facts (`63*5=315`) and stepwise evaluations (`(9*5)+7=45+7=52`).
 
 Training is a plain loop: AdamW, linear warmup then cosine decay, one document per row, rows of similar
@@ -160,9 +156,6 @@ class Schedule(BaseModel):
                                  "...) when the target is not found yet; the last value repeats")
     wait_share: float = Field(0.05, description="share of give-up points written as 'Wait' and searching on")
     empty_share: float = Field(0.04, description="share of Countdown attempts with empty thinking and a guess")
-    budget_share: float = Field(0.15, description="share of Countdown attempts told a thinking budget B in the "
-                                "prompt ('[budget B]'), which search on until the next step would exceed it")
-    budget_range: tuple[int, int] = Field((8, 256), description="B is drawn log-uniform from this range (tokens)")
     arith_share: float = Field(0.1, description="share of documents that are arithmetic drills")
     eval_problems: int = Field(200, description="held-out Countdown problems in the final greedy check")
     eval_max_tokens: int = Field(400, description="new tokens allowed per problem in the greedy check")
@@ -179,7 +172,7 @@ FORMAT = "tinyzero"
 EXTENSION = "Wait"  # what budget forcing appends by default (engine.Budget.extension_string)
 TARGET = {"format_rate_min": 0.5, "accuracy_min": 0.02, "accuracy_max": 0.4}  # for the `small` base
 EVAL_SEED_OFFSET = 1_000_003  # held-out problems: test split and a seed no training run uses
-RECIPE_VERSION = 3  # bump when the corpus or the training loop changes, so cached builds are redone
+RECIPE_VERSION = 2  # bump when the corpus or the training loop changes, so cached builds are redone
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,8 +193,6 @@ def guess(numbers: list[int], rng: random.Random) -> str:
 def countdown_attempt(problem, trace, fmt, rng: random.Random, s: Schedule) -> tuple[str, str]:
     """(kind, text) of one attempt at a problem: prompt + thinking + answer, where the thinking is the solver's
     trace, cut short by a guess (kind "give_up"), or whole ("solved"), or empty ("empty")."""
-    if rng.random() < s.budget_share:
-        return "budget", budgeted_attempt(problem, trace, fmt, rng, s)
     if rng.random() < s.empty_share:
         return "empty", fmt.prompt(problem.prompt) + fmt.completion("", f"<answer>{guess(problem.answer['numbers'], rng)}</answer>")
     lines = trace.thinking.split("\n")
@@ -216,20 +207,6 @@ def countdown_attempt(problem, trace, fmt, rng: random.Random, s: Schedule) -> t
         thinking += "\n" + search[k]
     thinking += "\n" + lines[-1]
     return "solved", fmt.prompt(problem.prompt) + fmt.completion(thinking, trace.answer)
-
-
-def budgeted_attempt(problem, trace, fmt, rng: random.Random, s: Schedule) -> str:
-    """An attempt told its thinking budget B (tokens; characters for this tokenizer) in the prompt: the solver's
-    trace whole if it fits in B, else cut after the last step (a space- or newline-separated part) that fits,
-    then a guess. The base model thus reads a budget statement the way a real base reads "think for at most B
-    tokens"; budget-aware RL (issue 13) starts from there instead of from an unknown marker."""
-    lo, hi = s.budget_range
-    budget = round(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-    prompt = fmt.prompt(problem.prompt, budget=budget)
-    if len(trace.thinking) <= budget:
-        return prompt + fmt.completion(trace.thinking, trace.answer)
-    cut = max((i for i, c in enumerate(trace.thinking[:budget + 1]) if c in " \n"), default=0)
-    return prompt + fmt.completion(trace.thinking[:cut], f"<answer>{guess(problem.answer['numbers'], rng)}</answer>")
 
 
 def arithmetic_drill(rng: random.Random, facts: int = 12) -> str:
@@ -262,7 +239,7 @@ def build_corpus(seed: int, s: Schedule) -> tuple[list[str], dict]:
     problems = task.generate(s.train_problems, seed=seed)
     traces = [task.solve(p) for p in problems]
     rng = random.Random(f"tiny-corpus:{seed}")
-    docs, kinds = [], {"solved": 0, "give_up": 0, "empty": 0, "budget": 0, "arithmetic": 0}
+    docs, kinds = [], {"solved": 0, "give_up": 0, "empty": 0, "arithmetic": 0}
     order: list[int] = []
     for _ in range(s.steps * s.batch_size):
         if rng.random() < s.arith_share:
