@@ -1,0 +1,79 @@
+"""Where a fine-tuned tiny model's Countdown searches go wrong: arithmetic slips against miscomparisons.
+
+    .venv/bin/python benchmarks/bench_sft_errors.py MODEL_DIR [MODEL_DIR ...] [--n 200] [--out FILE]
+
+Greedy, unbudgeted, on the held-out problems bench_distill_tiny uses (test split, its seed). For each model:
+accuracy, and over every step `a op b = v` the model writes in its thinking, the share where v is wrong
+(by operation, small or large operands), and over every check `v ==/!= T` the share where the verdict is
+wrong or T is not the target. Writes benchmarks/results/sft_errors.json.
+"""
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+STEP = re.compile(r"(?<![\d)])(\d+)([+\-*/])(\d+)=(\d+)")
+CHECK = re.compile(r"(\d+)(==|!=)(\d+)")
+
+
+def anatomy(problems, outs, task) -> dict:
+    steps, slips, checks, wrong_verdict, wrong_target = {}, {}, 0, 0, 0
+    for p, o in zip(problems, outs):
+        for a, op, b, v in STEP.findall(o.thinking):
+            a, b, v = int(a), int(b), int(v)
+            true = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
+            key = f"{op} {'large' if max(a, b) >= 20 or (true or 0) >= 100 else 'small'}"
+            steps[key] = steps.get(key, 0) + 1
+            slips[key] = slips.get(key, 0) + (true != v)
+        for v, verdict, t in CHECK.findall(o.thinking):
+            checks += 1
+            wrong_verdict += (int(v) == int(t)) != (verdict == "==")
+            wrong_target += int(t) != p.answer["target"]
+    return {"accuracy": sum(task.score(p, o.text).correct for p, o in zip(problems, outs)) / len(problems),
+            "finish_reasons": {r: sum(o.finish_reason == r for o in outs) for r in {o.finish_reason for o in outs}},
+            "steps": sum(steps.values()), "arithmetic_slip_rate": sum(slips.values()) / max(1, sum(steps.values())),
+            "slip_rate_by_step": {k: round(slips[k] / steps[k], 3) for k in sorted(steps)},
+            "checks": checks, "wrong_verdict_rate": wrong_verdict / max(1, checks),
+            "wrong_target_rate": wrong_target / max(1, checks)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", type=Path)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=900)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sft_errors.json")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_distill_tiny import EVAL_SEED, TASK_OPTIONS
+
+    from budgetthink.engine import Sampling
+    from budgetthink.engine.torch import TorchEngine
+    from budgetthink.formats import get_format
+    from budgetthink.tasks import get_task
+
+    task = get_task("countdown", split="test", **TASK_OPTIONS)
+    problems = task.generate(args.n, seed=EVAL_SEED)
+    fmt = get_format("tinyzero")
+    report = {"settings": {"problems": args.n, "eval_seed": EVAL_SEED, "greedy": True, "max_tokens": args.max_tokens,
+                           "torch_threads": torch.get_num_threads()}, "models": {}}
+    for model in args.models:
+        t = time.perf_counter()
+        outs = TorchEngine(str(model), device="cpu").generate(
+            [fmt.prompt(p.prompt) for p in problems], Sampling(temperature=0, max_tokens=args.max_tokens), fmt=fmt)
+        name = str(model.resolve().relative_to(ROOT)) if model.resolve().is_relative_to(ROOT) else str(model)
+        report["models"][name] = {**anatomy(problems, outs, task), "wall_s": round(time.perf_counter() - t, 1)}
+        print(name, json.dumps(report["models"][name]), file=sys.stderr)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
