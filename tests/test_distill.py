@@ -158,7 +158,7 @@ def test_openai_teacher_refusals_are_error_lines_until_retried(tmp_path, server)
 
 def test_openai_teacher_resumes_after_ctrl_c_and_a_crash(tmp_path, server):
     out = tmp_path / "i.jsonl"
-    n = 30
+    n = 100  # enough that the run cannot finish before the Ctrl-C lands, even on a loaded machine
     script = (
         "from budgetthink.data.distill import distill\n"
         "from budgetthink.engine import Budget, Sampling\n"
