@@ -108,14 +108,15 @@ class RowCache(Cache):
         self.cap = new
 
     def select(self, idx: torch.Tensor) -> None:
-        """Keep (or repeat) rows `idx`. Only the used positions are copied, into buffers with half as much room
-        again to grow (`reserve` doubles them when a row needs more), so dropping finished rows costs a copy of
-        what is live, not of the whole preallocated capacity."""
-        used, cap = self.used, min(self.cap, self.used + max(64, self.used // 2))
+        """Keep (or repeat) rows `idx`. Only the used positions are copied, into buffers with room to grow by
+        max(64, used / 2) (`reserve` doubles them when a row needs more), so dropping finished rows costs a copy
+        of what is live, not of the whole capacity."""
+        used, cap = self.used, self.used + max(64, self.used // 2)
         for buf in (self.keys, self.values):
             for i, t in enumerate(buf):
-                new = t.new_zeros(len(idx), t.shape[1], cap, t.shape[3])
-                new[:, :, :used] = t[:, :, :used].index_select(0, idx)
+                new = t.new_empty(len(idx), t.shape[1], cap, t.shape[3])
+                torch.index_select(t[:, :, :used], 0, idx, out=new[:, :, :used])
+                new[:, :, used:] = 0  # read (masked) before rows write there: must hold no NaN
                 buf[i] = new
         self.cap = cap
 
@@ -250,7 +251,7 @@ class TorchEngine:
         for i, s in enumerate(seqs):
             ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long, device=dev)
         k = torch.tensor([len(s) for s in seqs], dtype=torch.long, device=dev)
-        cache = RowCache(cap=L + cap + 8)
+        cache = RowCache(cap=L)  # the prefill's room; select() below gives the n-times repeated rows room to grow
         logits = self._forward(cache, ids, k, torch.zeros(P, dtype=torch.long, device=dev))  # [P, V]
         rep = torch.arange(P, device=dev).repeat_interleave(n)  # [B] prompt of each row
         cache.select(rep)
