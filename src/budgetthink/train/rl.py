@@ -686,9 +686,9 @@ def train(cfg: RLConfig, out: Path, resume: bool = False) -> list[dict]:
         run = setup(cfg, out, resume)
         if run.step == 0 and cfg.eval_every and run.eval_set:
             bill.add(tokens_generated=evaluate(run, 0)["tokens_generated"])
-        limit = "" if cfg.max_minutes is None else f" (up to {cfg.max_minutes:g} min)"  # then steps are unknown
-        bar = tqdm(total=cfg.max_steps if not limit else None, initial=run.step, desc=f"rl {cfg.algorithm}{limit}",
-                   file=sys.stderr, dynamic_ncols=True)
+        timed = cfg.max_minutes is not None  # then the number of steps is not known in advance
+        bar = tqdm(total=None if timed else cfg.max_steps, initial=run.step, file=sys.stderr, dynamic_ncols=True,
+                   desc=f"rl {cfg.algorithm}" + (f" (up to {cfg.max_minutes:g} min)" if timed else ""))
         start = time.perf_counter()
         for step in range(run.step + 1, cfg.max_steps + 1):
             t0 = time.perf_counter()
