@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from paths import ROOT, shown
+
 sys.path.insert(0, str(ROOT / "src"))
 
 from budgetthink import evaluate
@@ -33,12 +34,6 @@ from budgetthink.jsonl import atomic_write_json, read_jsonl
 from budgetthink.train import rl
 
 GRPO, BUDGET = ROOT / "recipes" / "tiny-countdown-grpo.yaml", ROOT / "recipes" / "tiny-countdown-budget.yaml"
-
-
-def shown(path: Path) -> str:
-    """A path as the JSON records it: relative to the repository when inside it (no machine paths)."""
-    path = Path(path).resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def train(recipe: Path, model: Path, out: Path, minutes: float | None, overrides: list[str]) -> dict:

@@ -191,7 +191,7 @@ def main() -> int:
                                         "ours": ours_b, "naive_s1_generate": naive_b}
     ratios["b_ours_over_naive_tokens_per_s"] = round(ours_b["sampled_tokens_per_s"] / naive_b["sampled_tokens_per_s"], 2)
 
-    # (c) forced vs unforced, the same sampled tokens per row (end-of-text ignored)
+    # (c) forced vs unforced, the same output tokens per row (end-of-text ignored)
     engine = TorchEngine(model, tok, eos_token_ids=[])
     forced_budget = Budget(min_thinking_tokens=T, max_thinking_tokens=T, max_answer_tokens=32)
     forced, fwall = timed(lambda: engine.generate(prompts, Sampling(temperature=1.0, max_tokens=4 * T, seed=0), n=n,

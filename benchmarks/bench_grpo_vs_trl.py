@@ -124,7 +124,7 @@ def run_trl(args, model_dir: Path, workdir: Path, problems: list) -> dict:
     def reward(prompts, completions, **kwargs):
         return [task.score(by_prompt[p], c).reward for p, c in zip(prompts, completions)]
 
-    times = {"step": [], "generate": [], "rollout": [], "step_cpu": [], "generate_cpu": []}
+    times = {"step": [], "generate": [], "rollout": [], "step_cpu": [], "generate_cpu": [], "rollout_cpu": []}
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -152,8 +152,7 @@ def run_trl(args, model_dir: Path, workdir: Path, problems: list) -> dict:
             t, c = time.perf_counter(), time.process_time()
             out = _real(*a, **k)
             times[_key].append(time.perf_counter() - t)
-            if _key == "generate":
-                times["generate_cpu"].append(time.process_time() - c)
+            times[f"{_key}_cpu"].append(time.process_time() - c)
             return out
 
         setattr(trainer, name, timed)

@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from paths import ROOT, shown
+
 sys.path.insert(0, str(ROOT / "src"))
 
 from budgetthink.config import load_config
@@ -51,7 +52,7 @@ def main():
 
         args.base = tiny.cached_build("small", ROOT / ".cache" / "tiny", progress=True)
 
-    base = str(args.base.resolve().relative_to(ROOT)) if args.base.resolve().is_relative_to(ROOT) else str(args.base)
+    base = shown(args.base)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for algo in args.algos.split(","):

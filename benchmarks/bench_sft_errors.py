@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+from paths import ROOT, shown
 
-ROOT = Path(__file__).resolve().parent.parent
 STEP = re.compile(r"(?<![\d)])(\d+)([+\-*/])(\d+)=(\d+)")
 CHECK = re.compile(r"(\d+)(==|!=)(\d+)")
 
@@ -50,12 +50,12 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=900)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sft_errors.json")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_distill_tiny import EVAL_SEED, TASK_OPTIONS
 
     from budgetthink.engine import Sampling
     from budgetthink.engine.torch import TorchEngine
     from budgetthink.formats import get_format
+    from budgetthink.jsonl import atomic_write_json
     from budgetthink.tasks import get_task
 
     task = get_task("countdown", split="test", **TASK_OPTIONS)
@@ -67,10 +67,10 @@ def main() -> int:
         t = time.perf_counter()
         outs = TorchEngine(str(model), device="cpu").generate(
             [fmt.prompt(p.prompt) for p in problems], Sampling(temperature=0, max_tokens=args.max_tokens), fmt=fmt)
-        name = str(model.resolve().relative_to(ROOT)) if model.resolve().is_relative_to(ROOT) else str(model)
+        name = shown(model)
         report["models"][name] = {**anatomy(problems, outs, task), "wall_s": round(time.perf_counter() - t, 1)}
         print(name, json.dumps(report["models"][name]), file=sys.stderr)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(args.out, report)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
