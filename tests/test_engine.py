@@ -157,17 +157,19 @@ def test_finished_rows_leave_the_batch(model_tok):
 
 
 def test_rows_dropped_and_cache_grown_mid_run_keep_exact_outputs(model_tok):
-    """Rows leave the batch at different steps (the cache keeps only the live rows' used positions) and the rest
-    run past the room left after the prefill (the cache grows): every row still equals the plain forward's."""
+    """Rows leave the batch at different steps (the cache keeps only the live rows' used positions; with n = 2
+    the prompts whose rows are all done leave the shared prefix) and the rest run past the room left after the
+    prefill (the cache grows): every row still equals the plain forward's."""
     model, tok = model_tok
     stop = tok.encode("0123456789")
     engine = TorchEngine(model, tok, eos_token_ids=stop)
     prompts = PROMPTS + [p[::-1] for p in PROMPTS] + ["1 2 3 -> 6\n<think>", "no digits here", "(", "9"]
     outs = engine.generate(prompts, Sampling(temperature=0, max_tokens=150))
+    pairs = engine.generate(prompts, Sampling(temperature=0, max_tokens=150), n=2)
     lengths, totals = [], []
-    for prompt, o in zip(prompts, outs):
+    for i, (prompt, o) in enumerate(zip(prompts, outs)):
         want = plain_greedy(model, tok, prompt, 150, stop)
-        assert o.token_ids == want, prompt
+        assert o.token_ids == want == pairs[2 * i].token_ids == pairs[2 * i + 1].token_ids, prompt
         lengths.append(len(want))
         totals.append(len(tok.encode(prompt)) + len(want))
     longest_prompt = max(len(tok.encode(p)) for p in prompts)
