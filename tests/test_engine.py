@@ -242,3 +242,34 @@ def test_bad_input_is_a_user_error(engine, tmp_path):
         Budget(min_thinking_tokens=10, max_thinking_tokens=5)
     with pytest.raises(ValidationError, match=">= 0"):
         Budget(max_thinking_tokens=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_prefix_attention_equals_softmax_over_prefix_and_own_keys(dtype):
+    """The shared-prefix attention (prompt keys kept once per prompt, rows on a grid with holes, one prompt
+    with an empty prefix) equals one plain softmax over [the row's prompt prefix, the row's own keys]."""
+    from types import SimpleNamespace
+
+    from budgetthink.engine.torch import prefix_attention
+
+    g = torch.Generator().manual_seed(0)
+    Pp, n, Hkv, G, D, S, T = 3, 4, 2, 3, 8, 5, 6
+    shared = torch.tensor([5, 0, 3])  # prefix lengths per prompt (prompt 1 has none)
+    slot = torch.tensor([0, 2, 3, 5, 8, 9, 11])  # live rows on the [Pp, n] grid
+    own = torch.tensor([6, 1, 4, 2, 6, 3, 5])  # valid own keys per row
+    B = len(slot)
+    q, k, v = (torch.randn(*shape, generator=g, dtype=torch.float64)
+               for shape in ((B, Hkv, G, D), (B, Hkv, T, D), (B, Hkv, T, D)))
+    pk, pv = torch.randn(Pp, Hkv, S, D, generator=g, dtype=torch.float64), torch.randn(Pp, Hkv, S, D, generator=g,
+                                                                                        dtype=torch.float64)
+    mask = (torch.arange(T)[None, :] < own[:, None])[:, None, None, :]
+    cache = SimpleNamespace(pk=[pk.to(dtype)], pv=[pv.to(dtype)], n=n, slot=slot,
+                            pmask=torch.arange(S)[None, :] < shared[:, None])
+    got = prefix_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, 0.3, cache, 0).double()
+    for b in range(B):
+        p = int(slot[b]) // n
+        keys = torch.cat([pk[p, :, : shared[p]], k[b, :, : own[b]]], 1)  # [Hkv, S_p + T_b, D]
+        values = torch.cat([pv[p, :, : shared[p]], v[b, :, : own[b]]], 1)
+        want = torch.softmax(q[b] @ keys.transpose(-1, -2) * 0.3, -1) @ values  # [Hkv, G, D]
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+        assert torch.allclose(got[b], want, atol=tol), (b, (got[b] - want).abs().max())

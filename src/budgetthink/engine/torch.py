@@ -76,12 +76,23 @@ def row_attention(module, query, key, value, attention_mask, scaling=None, dropo
     return out.reshape(B, H, L, -1).transpose(1, 2), None
 
 
-def _partial_softmax(scores: torch.Tensor, value: torch.Tensor):
-    """scores [..., T] (masked ones very negative), value [..., T, Dv] -> (unnormalised output [..., Dv],
-    row max [..., 1], row sum of exp(scores - max) [..., 1]): one part of a softmax split over key blocks."""
-    m = scores.amax(-1, keepdim=True)
-    e = (scores - m).exp()
-    return torch.matmul(e.to(value.dtype), value).to(scores.dtype), m, e.sum(-1, keepdim=True)
+def _attend(q, key, value, valid, scale: float):
+    """Attention of q [N, Hkv, M, D] over key/value [N, Hkv, T, D] where valid [N, 1, 1, T] -> (output
+    [N, Hkv, M, Dv] in at least float32, log-sum-exp of the scores [N, Hkv, M, 1]), so that two parts over
+    different keys can be merged exactly. A query with no valid key gets a very low log-sum-exp (weight 0)."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        # the CPU flash kernel converts blocks to float32 itself; plain matrix products would run in emulated bf16
+        bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, torch.finfo(q.dtype).min)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, key, value, 0.0, False,
+                                                                             attn_mask=bias, scale=scale)
+        return out.float(), lse[..., None]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(q, key.transpose(-1, -2)).to(acc) * scale  # [N, Hkv, M, T]
+    s = s.masked_fill(~valid, torch.finfo(s.dtype).min)  # not -inf: an all-masked row must not give NaN
+    m = s.amax(-1, keepdim=True)
+    e = (s - m).exp()
+    total = e.sum(-1, keepdim=True)
+    return torch.matmul(e.to(value.dtype), value).to(acc) / total, m + total.log()
 
 
 def prefix_attention(q, key, value, mask, scale, cache: "RowCache", layer: int) -> torch.Tensor:
@@ -95,25 +106,19 @@ def prefix_attention(q, key, value, mask, scale, cache: "RowCache", layer: int) 
     """
     _, Hkv, G, D = q.shape
     scale = D ** -0.5 if scale is None else scale
-    acc = torch.promote_types(q.dtype, torch.float32)  # scores and softmax in at least float32
-    pk, pv, n = cache.pk[layer], cache.pv[layer], cache.n
-    Pp = pk.shape[0]
-    low = torch.finfo(acc).min  # not -inf: a prompt whose prefix is empty must not give NaN (its weight is 0)
-    s_own = torch.matmul(q, key.transpose(-1, -2)).to(acc) * scale  # [B, Hkv, G, T]
-    o_own, m_own, l_own = _partial_softmax(s_own.masked_fill(~mask, low), value)
+    Pp, n = cache.pk[layer].shape[0], cache.n
+    o_own, lse_own = _attend(q, key, value, mask, scale)  # [B, Hkv, G, Dv], [B, Hkv, G, 1]
     grid = q.new_zeros(Pp * n, Hkv, G, D)
     grid[cache.slot] = q
     grid = grid.view(Pp, n, Hkv, G, D).transpose(1, 2).reshape(Pp, Hkv, n * G, D)
-    s_pre = torch.matmul(grid, pk.transpose(-1, -2)).to(acc) * scale  # [Pp, Hkv, n*G, S]
-    o_pre, m_pre, l_pre = _partial_softmax(s_pre.masked_fill(~cache.pmask[:, None, None, :], low), pv)
+    o_pre, lse_pre = _attend(grid, cache.pk[layer], cache.pv[layer], cache.pmask[:, None, None, :], scale)
 
     def rows(x):  # [Pp, Hkv, n*G, c] -> [B, Hkv, G, c]
         return x.view(Pp, Hkv, n, G, -1).transpose(1, 2).reshape(Pp * n, Hkv, G, -1)[cache.slot]
 
-    o_pre, m_pre, l_pre = rows(o_pre), rows(m_pre), rows(l_pre)
-    m = torch.maximum(m_own, m_pre)
-    a_own, a_pre = (m_own - m).exp(), (m_pre - m).exp()
-    return ((o_own * a_own + o_pre * a_pre) / (l_own * a_own + l_pre * a_pre)).to(q.dtype)
+    o_pre, lse_pre = rows(o_pre), rows(lse_pre)
+    lse = torch.logaddexp(lse_own, lse_pre)
+    return (o_own * (lse_own - lse).exp() + o_pre * (lse_pre - lse).exp()).to(q.dtype)
 
 
 AttentionInterface.register(ATTENTION, row_attention)
