@@ -1,10 +1,12 @@
 """Generation speed: our torch engine against `model.generate` and against the naive s1 budget-forcing procedure.
 
-    python benchmarks/bench_generate.py [--model DIR] [--prompts 64] [--n 8] [--new-tokens 128] [--quick]
+    python benchmarks/bench_generate.py [--model DIR] [--prompts 64] [--n 8] [--new-tokens 128] [--repeats 3]
+                                        [--threads N] [--quick]
 
 One process, one model (the `small` tiny preset: the pretrained build from `.cache/tiny` if one exists, else
 random weights of that shape, which decode at the same speed), the same Countdown prompts for every side,
-each side timed once after a warm-up, sampling at temperature 1. Writes benchmarks/results/bench_generate.json
+sampling at temperature 1, after a warm-up. In (a) and (c) each side is timed `--repeats` times, the sides
+taking turns, and the medians compared (single runs on this 2-core machine varied by +-10%). Writes benchmarks/results/bench_generate.json
 with the machine, the settings, each side's raw figures and the ratios:
 
 (a) plain sampling, prompts x n samples x new-tokens tokens each (end-of-text ignored on both sides so both
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -71,6 +74,18 @@ def timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
+
+
+def alternate(sides: dict, repeats: int) -> dict:
+    """Run each side `repeats` times, taking turns (so that a change in the machine's load hits both sides alike):
+    {name: (the last output, [wall seconds of each run])}."""
+    walls = {name: [] for name in sides}
+    outs = {}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            outs[name], wall = timed(fn)
+            walls[name].append(wall)
+    return {name: (outs[name], walls[name]) for name in sides}
 
 
 # --- (a) the peer: transformers generate ------------------------------------------------------------------------
@@ -143,6 +158,7 @@ def main() -> int:
     ap.add_argument("--budget-prompts", type=int, default=16,
                     help="prompts for (b) (x n samples): the naive side is slow (an hour at 64 x 8 on 2 busy cores)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side in (a) and (c), taking turns; medians")
     ap.add_argument("--quick", action="store_true", help="a small smoke run (8 prompts x 2, 32 tokens); no JSON")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_generate.json")
     args = ap.parse_args()
@@ -163,16 +179,19 @@ def main() -> int:
         sampling = Sampling(temperature=1.0, max_tokens=T, seed=0)
         engine.generate(prompts[:4], sampling.model_copy(update={"max_tokens": 8}), n=2)  # warm-up
         hf_generate(model, tok, prompts[:4], 2, 8, 0, eos=False)
-        outs, wall = timed(lambda e=engine, s=sampling: e.generate(prompts, s, n=n))
-        ours = sum(len(o.token_ids) for o in outs)
-        print(f"(a) {name} ours: {ours} tokens in {wall:.1f} s = {ours / wall:.0f} tok/s", file=sys.stderr)
-        gen, gwall = timed(lambda m=model: hf_generate(m, tok, prompts, n, T, 0, eos=False))
-        theirs = sum(len(g) for g in gen)
-        print(f"(a) {name} generate: {theirs} tokens in {gwall:.1f} s = {theirs / gwall:.0f} tok/s", file=sys.stderr)
+        runs = alternate({"ours": lambda e=engine, s=sampling: e.generate(prompts, s, n=n),
+                          "generate": lambda m=model: hf_generate(m, tok, prompts, n, T, 0, eos=False)}, args.repeats)
+        (outs, walls), (gen, gwalls) = runs["ours"], runs["generate"]
+        wall, gwall = statistics.median(walls), statistics.median(gwalls)
+        ours, theirs = sum(len(o.token_ids) for o in outs), sum(len(g) for g in gen)
+        print(f"(a) {name} ours: {ours} tokens in {wall:.1f} s = {ours / wall:.0f} tok/s; generate: {theirs} tokens "
+              f"in {gwall:.1f} s = {theirs / gwall:.0f} tok/s (medians of {args.repeats})", file=sys.stderr)
         results[f"a_sampling_{name}"] = {
-            "ours": {"tokens": ours, "wall_s": round(wall, 3), "tokens_per_s": round(ours / wall, 1)},
+            "ours": {"tokens": ours, "wall_s": round(wall, 3), "tokens_per_s": round(ours / wall, 1),
+                     "wall_s_runs": [round(w, 3) for w in walls]},
             "transformers_generate": {"tokens": theirs, "wall_s": round(gwall, 3),
-                                      "tokens_per_s": round(theirs / gwall, 1)}}
+                                      "tokens_per_s": round(theirs / gwall, 1),
+                                      "wall_s_runs": [round(w, 3) for w in gwalls]}}
         ratios[f"a_ours_over_generate_{name}"] = round((ours / wall) / (theirs / gwall), 2)
 
     # (b) budget forcing with 4 extensions vs the naive re-encode procedure (float32)
@@ -194,15 +213,20 @@ def main() -> int:
     # (c) forced vs unforced, the same output tokens per row (end-of-text ignored)
     engine = TorchEngine(model, tok, eos_token_ids=[])
     forced_budget = Budget(min_thinking_tokens=T, max_thinking_tokens=T, max_answer_tokens=32)
-    forced, fwall = timed(lambda: engine.generate(prompts, Sampling(temperature=1.0, max_tokens=4 * T, seed=0), n=n,
-                                                  budget=forced_budget, fmt=fmt))
-    per_row = round(sum(len(o.token_ids) for o in forced) / len(forced))  # the forced rows' mean output length
-    plain, pwall = timed(lambda: engine.generate(prompts, Sampling(temperature=1.0, max_tokens=per_row, seed=0), n=n,
-                                                 fmt=fmt))
-    f_fig, p_fig = figures(forced, fwall), figures(plain, pwall)
+    def run_forced():
+        return engine.generate(prompts, Sampling(temperature=1.0, max_tokens=4 * T, seed=0), n=n, budget=forced_budget,
+                               fmt=fmt)
+
+    per_row = round(sum(len(o.token_ids) for o in run_forced()) / (P * n))  # the forced rows' mean output length
+    runs = alternate({"forced": run_forced,
+                      "unforced": lambda: engine.generate(prompts, Sampling(temperature=1.0, max_tokens=per_row, seed=0),
+                                                          n=n, fmt=fmt)}, args.repeats)
+    (forced, fwalls), (plain, pwalls) = runs["forced"], runs["unforced"]
+    f_fig, p_fig = figures(forced, statistics.median(fwalls)), figures(plain, statistics.median(pwalls))
     print(f"(c) forced: {f_fig}\n(c) unforced: {p_fig}", file=sys.stderr)
     results["c_forced_vs_unforced"] = {"budget": forced_budget.model_dump(), "unforced_max_tokens": per_row,
-                                       "forced": f_fig, "unforced": p_fig}
+                                       "forced": {**f_fig, "wall_s_runs": [round(w, 3) for w in fwalls]},
+                                       "unforced": {**p_fig, "wall_s_runs": [round(w, 3) for w in pwalls]}}
     ratios["c_forcing_overhead"] = round(p_fig["output_tokens_per_s"] / f_fig["output_tokens_per_s"] - 1, 3)
 
     report = {
@@ -218,13 +242,13 @@ def main() -> int:
                      "parameters": sum(p.numel() for p in base.parameters()),
                      "prompts": P, "samples_per_prompt": n, "new_tokens": T, "temperature": 1.0,
                      "task": "countdown", "format": "tinyzero", "peer": "transformers model.generate",
-                     "attention": {"ours": "budgetthink_rows (sdpa, grouped heads folded)",
+                     "attention": {"ours": "budgetthink_rows (shared prompt prefix, grouped heads folded)",
                                    "generate": base.config._attn_implementation}},
         "results": results,
         "ratios": ratios,
         "targets": {"a": ">= 3x generate in the same dtype", "b": ">= 3x naive", "c": "<= 10% overhead"},
-        "notes": "Single timed run per side on a 2-core machine shared with other jobs (see load average): "
-                 "figures are noisy; ratios compare sides run back to back in one process.",
+        "notes": f"(a) and (c): the median of {args.repeats} timed runs per side, the sides taking turns, in one "
+                 "process; (b): one run per side. A 2-core machine: see the load average.",
     }
     print(json.dumps(ratios, indent=2))
     if not args.quick:
