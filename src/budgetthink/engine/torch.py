@@ -64,9 +64,12 @@ def row_attention(module, query, key, value, attention_mask, scaling=None, dropo
     B, H, L, D = query.shape
     Hkv, T = key.shape[1], key.shape[2]
     G = H // Hkv  # query heads per key/value head (head h uses kv head h // G)
-    if row_cache is not None and row_cache.pk and L == 1:
-        out = prefix_attention(query.reshape(B, Hkv, G, D), key, value, attention_mask, scaling, row_cache,
-                               module.layer_idx)  # [B, Hkv, G, Dv]
+    if L == 1:  # decoding: one query per row, the G heads sharing a kv head as G rows of one matrix product
+        q, scale = query.reshape(B, Hkv, G, D), D ** -0.5 if scaling is None else scaling
+        if row_cache is not None and row_cache.pk:
+            out = prefix_attention(q, key, value, attention_mask, scale, row_cache, module.layer_idx)
+        else:
+            out = _attend(q, key, value, attention_mask, scale)[0].to(q.dtype)  # [B, Hkv, G, Dv]
         return out.reshape(B, 1, H, -1), None
     q = query.reshape(B, Hkv, G * L, D)
     mask = attention_mask
@@ -105,7 +108,6 @@ def prefix_attention(q, key, value, mask, scale, cache: "RowCache", layer: int) 
     [G, D] x [D, S]. The two parts are merged exactly (softmax over their concatenation).
     """
     _, Hkv, G, D = q.shape
-    scale = D ** -0.5 if scale is None else scale
     Pp, n = cache.pk[layer].shape[0], cache.n
     o_own, lse_own = _attend(q, key, value, mask, scale)  # [B, Hkv, G, Dv], [B, Hkv, G, 1]
     grid = q.new_zeros(Pp * n, Hkv, G, D)
@@ -151,7 +153,7 @@ class RowCache(Cache):
             self.keys.append(key_states.new_zeros(B, Hkv, self.cap, D))
             self.values.append(value_states.new_zeros(B, Hkv, self.cap, value_states.shape[-1]))
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        B, Hkv, L, D = key_states.shape
+        B, Hkv, _, D = key_states.shape
         if layer_idx == 0:  # row b's slot l goes to position pos[b, l]: as rows of a [B * Hkv * cap, D] view
             rows = torch.arange(B * Hkv, device=k.device).view(B, Hkv, 1) * self.cap
             self.flat = (rows + self.pos[:, None, :]).flatten()  # [B * Hkv * L]
