@@ -7,24 +7,27 @@
 A hand-written decoding loop (no `model.generate`), built for RL and evaluation on a CPU or one GPU:
 
 - **Per-row KV cache.** `RowCache` preallocates [B, kv_heads, capacity, head_dim] keys and values per layer;
-  row b's tokens sit compactly at 0..len[b]-1. After the prefill, every step feeds each live row exactly one
+  row b's tokens sit compactly from slot 0 on. After the prefill, every step feeds each live row exactly one
   token: the first token of its prompt + output that is not in its cache yet. Usually that is the token it
   just sampled; after budget forcing inserted a string it is the string's next token (the row samples again
   once the whole string is in), so an insertion costs what its tokens cost and never widens the batch.
-  Removing a delimiter the model wrote just lowers len[b]. Rows thus grow unevenly; the attention mask
-  [B, 1, L, T] and the position ids are per row, and positions are logical (the row's own token index), so
-  a row's output never depends on what else is in the batch. Nothing is ever re-encoded.
+  Removing a delimiter the model wrote just lowers the row's length. Rows thus grow unevenly; the attention
+  mask [B, 1, L, T] and the position ids are per row, and positions are logical (the row's own token index),
+  so a row's output never depends on what else is in the batch. Nothing is ever re-encoded. Writes go
+  through `index_copy_` into a flat view; the attention reads the whole buffer when it is at most twice the
+  used length (a contiguous read; a strided slice costs the matrix products a copy).
 - **Prefill** feeds [P, L] blocks, left-padded so that the logits needed are at the last slot; a row's pads
   are written just after its tokens (overwritten later, never attended to).
-- **Attention** through a registered function ("budgetthink_rows") that folds grouped-query heads into the
-  query length instead of repeating keys and values (the standard sdpa path copies the whole cache per
-  layer and step when a mask is given). It is exact scaled-dot-product attention; models with sliding
-  windows, soft-capping or attention sinks are not supported by this engine.
+- **Attention** through a registered function ("budgetthink_rows"). Grouped-query heads are folded into the
+  query length instead of repeating keys and values. The prefill uses sdpa; a decoding step (one query per
+  row) uses plain matrix products and an explicit softmax (faster here at 2 threads than the CPU sdpa
+  kernel for one query; in bf16/fp16 on a CPU, the CPU flash kernel, which computes in float32). It is
+  exact scaled-dot-product attention; models with sliding windows, soft-capping or attention sinks are not
+  supported by this engine.
 - **Shared prefill and prefix.** The n samples of a prompt share one prefill. With n > 1 the prompt (all but
   its last token) then stays in the cache once per prompt, and each decoding step attends to it once for the
   n samples (`prefix_attention`: one wider matrix product per prompt instead of n narrow ones, merged exactly
-  with the attention over the row's own tokens); only the rest is kept per row. The own-row part is computed
-  with plain matrix products too, which at 2 threads ran faster here than the CPU sdpa kernel for one query.
+  with the attention over the row's own tokens by log-sum-exp); only the rest is kept per row.
 - **Finished rows** are dropped once an eighth of the batch is done: the live rows' used cache positions are
   copied into buffers with some room to grow (doubled when a row needs more), not the whole capacity.
 - **Sampling**: greedy (temperature 0), temperature, top-k, top-p, seeded with a torch.Generator. The
