@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+from paths import ROOT, shown
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TASK_OPTIONS = {"template": "compact"}  # the tiny model's Countdown distribution (tiny.COUNTDOWN)
 EVAL_SEED = 2_000_003  # held-out problems: test split, a seed no stage here or in the tiny build uses
@@ -172,7 +172,8 @@ def main() -> int:
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
         "settings": {"pool": args.pool, "curate_n": args.curate_n, "eval_n": args.eval_n, "eval_seed": EVAL_SEED,
                      "budgets": budgets, "max_answer_tokens": args.max_answer_tokens, "task_options": TASK_OPTIONS,
-                     "sft_config": cfg.model_dump(mode="json"), "base": str(base),
+                     "sft_config": {**cfg.model_dump(mode="json"), "model": shown(cfg.model), "data": shown(cfg.data)},
+                     "base": shown(base),
                      "base_parameters": report.get("parameters")},
         "distill": distill_summary,
         "funnel": funnel,

@@ -151,7 +151,8 @@ def main() -> int:
         "settings": {"model": str(args.model) if args.model.parent != work else f"random {args.preset} preset",
                      "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens, "dtype": args.dtype,
                      "threads": args.threads, "temperature": 1.0, "format": "tinyzero", "budget": budget.model_dump(),
-                     "ld_preload": os.environ.get("LD_PRELOAD", ""), "vllm_start_s": round(start_s, 1)},
+                     "ld_preload": os.environ.get("LD_PRELOAD", "").replace(sys.prefix, "<venv>"),
+                     "vllm_start_s": round(start_s, 1)},
         "sides": sides,
         "ratios": ratios,
     }
