@@ -149,13 +149,11 @@ class RowCache(Cache):
         self.pk, self.pv, self.pmask, self.slot, self.n = [], [], None, None, 1
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        # key_states [B, Hkv, L, D]
+        B, Hkv, _, D = key_states.shape  # [B, Hkv, L, D]
         if layer_idx == len(self.keys):
-            B, Hkv, _, D = key_states.shape
             self.keys.append(key_states.new_zeros(B, Hkv, self.cap, D))
             self.values.append(value_states.new_zeros(B, Hkv, self.cap, value_states.shape[-1]))
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        B, Hkv, _, D = key_states.shape
         if layer_idx == 0:  # row b's slot l goes to position pos[b, l]: as rows of a [B * Hkv * cap, D] view
             rows = torch.arange(B * Hkv, device=k.device).view(B, Hkv, 1) * self.cap
             self.flat = (rows + self.pos[:, None, :]).flatten()  # [B * Hkv * L]
