@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+from paths import ROOT, shown
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from budgetthink.formats import get_format
@@ -211,7 +211,7 @@ def main():
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {**{k: (shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "params": n_params, "matmul_params": n_matmul, "prompt_tokens_mean": prompt_tokens},
         "matmul_gflops_peak": peak,
         "ours": ours, "trl": trl,
