@@ -14,7 +14,9 @@ A hand-written decoding loop (no `model.generate`), built for RL and evaluation 
   Removing a delimiter the model wrote just lowers the row's length. Rows thus grow unevenly; the attention
   mask [B, 1, L, T] and the position ids are per row, and positions are logical (the row's own token index),
   so a row's output never depends on what else is in the batch. Nothing is ever re-encoded. Writes go
-  through `index_copy_` into a flat view (4x faster here than `scatter_`).
+  through `index_copy_` into a flat view (4x faster here than `scatter_`). The attention reads whole buffers,
+  which are kept only a little larger than needed (`room`): a strided slice would cost each matrix product
+  a copy.
 - **Prefill** feeds [P, L] blocks, left-padded so that the logits needed are at the last slot; a row's pads
   are written just after its tokens (overwritten later, never attended to).
 - **Attention** through a registered function ("budgetthink_rows"). Grouped-query heads are folded into the
@@ -28,7 +30,7 @@ A hand-written decoding loop (no `model.generate`), built for RL and evaluation 
   n samples (`prefix_attention`: one wider matrix product per prompt instead of n narrow ones, merged exactly
   with the attention over the row's own tokens by log-sum-exp); only the rest is kept per row.
 - **Finished rows** are dropped once an eighth of the batch is done: the live rows' used cache positions are
-  copied into buffers with some room to grow (doubled when a row needs more), not the whole capacity.
+  copied into new buffers (with `room` to grow), not the whole capacity.
 - **Sampling**: greedy (temperature 0), temperature, top-k, top-p, seeded with a torch.Generator. The
   log-probability of each sampled token is taken under the distribution actually sampled from (after
   temperature, top-k and top-p); under greedy it is the plain log-softmax of the logits. Inserted tokens
@@ -128,11 +130,20 @@ def prefix_attention(q, key, value, mask, scale, cache: "RowCache", layer: int) 
 AttentionInterface.register(ATTENTION, row_attention)
 
 
+def room(used: int) -> int:
+    """Free slots a cache buffer gets beyond `used` when it is (re)allocated: the attention reads the whole
+    buffer (contiguous: a strided slice costs the matrix products a copy), so the slack is kept small, and
+    proportional so that growing to T slots copies O(T) in all. Measured here (64 x 8 rows, 128 tokens, fp32,
+    2 threads, 5 interleaved pairs each): 16 slots of slack +9.6%, 32 +6.7%, 64 +3% against reading a slice."""
+    return max(16, used // 8)
+
+
 class RowCache(Cache):
     """Keys and values per layer in preallocated [B, Hkv, cap, D] buffers; each row written at its own positions.
 
     Row b's slot j holds its logical position off[b] + j. Before each forward the engine sets `pos` [B, L]
-    (the slots each fed token is written to) and `used` (how many slots the attention reads).
+    (the slots each fed token is written to) and `used` (slots in use by the longest row); the attention reads
+    all `cap` slots, the mask hiding what a row has not written.
 
     With n samples per prompt, `share_prefix` moves all but the last prompt token out of the rows into one
     [Pp, Hkv, S, D] prefix per prompt (`pk`, `pv`, valid positions `pmask` [Pp, S]); `slot` [B] is each row's
@@ -159,25 +170,25 @@ class RowCache(Cache):
             self.flat = (rows + self.pos[:, None, :]).flatten()  # [B * Hkv * L]
         k.view(-1, D).index_copy_(0, self.flat, key_states.reshape(-1, D))
         v.view(-1, v.shape[-1]).index_copy_(0, self.flat, value_states.reshape(-1, v.shape[-1]))
-        return k[:, :, : self.used], v[:, :, : self.used]
+        return k, v
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.used
 
     def reserve(self, need: int) -> None:
-        """Make room for `need` positions (doubling the capacity)."""
+        """Make room for `need` positions (and `room(need)` more)."""
         if need <= self.cap:
             return
-        new = max(need, 2 * self.cap)
+        new = need + room(need)
         for buf in (self.keys, self.values):
             for i, t in enumerate(buf):
                 buf[i] = torch.cat([t, t.new_zeros(*t.shape[:2], new - t.shape[2], t.shape[3])], dim=2)
         self.cap = new
 
     def _rebuild(self, rows: list[list[torch.Tensor]], idx: torch.Tensor, used: int) -> None:
-        """New buffers: row i gets rows[.][.][idx[i], :, :used] (the first `used` positions), with room to grow
-        by max(64, used / 2) (`reserve` doubles it when a row needs more)."""
-        cap = used + max(64, used // 2)
+        """New buffers: row i gets rows[.][.][idx[i], :, :used] (the first `used` positions), and `room(used)`
+        free slots (`reserve` adds more when a row needs them)."""
+        cap = used + room(used)
         for buf, src in zip((self.keys, self.values), rows):
             for i, t in enumerate(src):
                 new = t.new_empty(len(idx), t.shape[1], cap, t.shape[3])
@@ -324,7 +335,7 @@ class TorchEngine:
         cache.used = int(first.max()) + L
         cache.reserve(cache.used)
         cache.pos = at
-        t = torch.arange(cache.used, device=ids.device)
+        t = torch.arange(cache.cap, device=ids.device)
         mask = torch.where(valid[..., None], t <= at[..., None], t == at[..., None])[:, None]  # [B, 1, L, T]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=1, row_cache=cache)
