@@ -133,8 +133,9 @@ AttentionInterface.register(ATTENTION, row_attention)
 def room(used: int) -> int:
     """Free slots a cache buffer gets beyond `used` when it is (re)allocated: the attention reads the whole
     buffer (contiguous: a strided slice costs the matrix products a copy), so the slack is kept small, and
-    proportional so that growing to T slots copies O(T) in all. Measured here (64 x 8 rows, 128 tokens, fp32,
-    2 threads, 5 interleaved pairs each): 16 slots of slack +9.6%, 32 +6.7%, 64 +3% against reading a slice."""
+    proportional so that growing to T slots copies O(T) in all. Against reading a slice of doubled buffers,
+    interleaved A/B runs here (64 x 8 rows, fp32, 2 threads) gave +0.4% to +9.6%, and +10% on budget forcing
+    with extensions (16 x 8 rows); a fixed 64-slot slack gained only 3%."""
     return max(16, used // 8)
 
 
