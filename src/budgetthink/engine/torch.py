@@ -134,8 +134,9 @@ def room(used: int) -> int:
     """Free slots a cache buffer gets beyond `used` when it is (re)allocated: the attention reads the whole
     buffer (contiguous: a strided slice costs the matrix products a copy), so the slack is kept small, and
     proportional so that growing to T slots copies O(T) in all. Against reading a slice of doubled buffers,
-    interleaved A/B runs here (64 x 8 rows, fp32, 2 threads) gave +0.4% to +9.6%, and +10% on budget forcing
-    with extensions (16 x 8 rows); a fixed 64-slot slack gained only 3%."""
+    interleaved A/B runs here (64 x 8 rows, fp32, 2 threads): 16 slots of slack (what this gives up to 128
+    used) +9.6% and +2.0% at 128 tokens, +0.4% at 256; 32 slots +6.7%, 64 slots +3%; and +10% on budget
+    forcing with extensions (16 x 8 rows)."""
     return max(16, used // 8)
 
 
@@ -151,13 +152,13 @@ class RowCache(Cache):
     place (prompt * n + sample) on the prompt grid that `prefix_attention` reads.
     """
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, rows: int, device):
         super().__init__(layers=[])
         self.cap, self.keys, self.values = cap, [], []
         self.pos: torch.Tensor | None = None  # [B, L]
         self.flat: torch.Tensor | None = None  # [B * Hkv * L] where this forward's keys go in a [-1, D] view
         self.used = 0
-        self.off: torch.Tensor | None = None  # [B] logical position of each row's slot 0 (None: 0)
+        self.off = torch.zeros(rows, dtype=torch.long, device=device)  # [B] logical position of each row's slot 0
         self.pk, self.pv, self.pmask, self.slot, self.n = [], [], None, None, 1
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -202,10 +203,10 @@ class RowCache(Cache):
         """Keep (or repeat) rows `idx`. Only the used positions are copied, so dropping finished rows costs a
         copy of what is live, not of the whole capacity. Prompts left with no row leave the prefix."""
         self._rebuild([self.keys, self.values], idx, self.used)
-        if self.off is not None:
-            self.off = self.off[idx]
+        self.off = self.off[idx]
         if self.pk:
-            prompt, self.slot = self.slot[idx] // self.n, self.slot[idx]
+            self.slot = self.slot[idx]
+            prompt = self.slot // self.n
             keep = prompt.unique()
             if len(keep) < self.pmask.shape[0]:
                 self.pk = [t[keep] for t in self.pk]
@@ -331,9 +332,8 @@ class TorchEngine:
         j = torch.arange(L, device=ids.device)
         valid = j[None, :] >= (L - k)[:, None]  # [B, L]
         pos = cache_len[:, None] + (j[None, :] + k[:, None]) % L  # [B, L]: valid slots in order, pads after them
-        first = cache_len if cache.off is None else cache_len - cache.off  # [B] first free cache slot of each row
-        at = first[:, None] + (pos - cache_len[:, None])  # [B, L] cache slots (positions after a shared prefix)
-        cache.used = int(first.max()) + L
+        at = pos - cache.off[:, None]  # [B, L] cache slots (a row's slot 0 holds its position off)
+        cache.used = int(at.max()) + 1
         cache.reserve(cache.used)
         cache.pos = at
         t = torch.arange(cache.cap, device=ids.device)
@@ -364,7 +364,7 @@ class TorchEngine:
         for i, s in enumerate(seqs):
             ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long, device=dev)
         k = torch.tensor([len(s) for s in seqs], dtype=torch.long, device=dev)
-        cache = RowCache(cap=L)  # the prefill's room; select() below gives the n-times repeated rows room to grow
+        cache = RowCache(cap=L, rows=P, device=dev)  # the prefill's room; the decoding rows get theirs below
         logits = self._forward(cache, ids, k, torch.zeros(P, dtype=torch.long, device=dev))  # [P, V]
         rep = torch.arange(P, device=dev).repeat_interleave(n)  # [B] prompt of each row
         plen = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)  # [P] prompt lengths
