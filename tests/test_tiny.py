@@ -160,17 +160,11 @@ def test_corpus_mix_and_determinism():
     kinds = stats["kinds"]
     assert sum(kinds.values()) == len(docs) == 200
     assert 60 < kinds["arithmetic"] < 140 and kinds["empty"] > 20
-    verdicts = []
     for doc in docs:
-        if "->" not in doc:  # an arithmetic drill: every fact is true, every check's verdict too
-            for fact, value, verdict in re.findall(r"(\S+)(?: vs (\d+) (yes|no))?(?: |$)", doc):
+        if "->" not in doc:  # an arithmetic drill: every fact is true
+            for fact in doc.split():
                 parts = fact.split("=")
                 assert len({evaluate(p) for p in parts}) == 1, fact
-                if verdict:
-                    assert (evaluate(parts[-1]) == int(value)) == (verdict == "yes"), (fact, value, verdict)
-                    verdicts.append(verdict)
-    # about 100 drills x 12 facts x 0.7 one-step x 0.5 checked, half of them against the value itself
-    assert 200 < len(verdicts) < 700 and 0.35 < verdicts.count("yes") / len(verdicts) < 0.65
 
 
 # ---- builds ----------------------------------------------------------------------------------------------

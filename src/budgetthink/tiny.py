@@ -27,8 +27,7 @@ but has *not* been taught to solve Countdown (a base that RL and budget forcing 
   what RL can reward and what a larger thinking budget buys. A few attempts, instead of giving up, write the extension
   string ("Wait") and go on searching, so that budget forcing's extensions mean something to this model.
 - A few attempts with empty thinking and a guess.
-- Arithmetic drills: lines of one-step facts (`63*5=315`), some with the search's check against the value or a
-  near miss (`9+4=13 vs 13 yes`, `7*7=49 vs 94 no`), and stepwise evaluations (`(9*5)+7=45+7=52`).
+- Arithmetic drills: lines of one-step facts (`63*5=315`) and stepwise evaluations (`(9*5)+7=45+7=52`).
 
 Training is a plain loop: AdamW, linear warmup then cosine decay, one document per row, rows of similar
 length batched together, deterministic for a given seed and machine. It runs in float32 unless the CPU has
@@ -165,7 +164,7 @@ class Schedule(BaseModel):
 SCHEDULES = {
     "test": Schedule(steps=400, batch_size=16, lr=3e-3, warmup_steps=20, train_problems=2000, eval_problems=32,
                      eval_max_tokens=200),
-    "small": Schedule(steps=1000, batch_size=16, lr=2e-3, warmup_steps=60),
+    "small": Schedule(steps=1040, batch_size=16, lr=2e-3, warmup_steps=60),
 }
 
 COUNTDOWN = {"template": "compact"}  # the task's defaults otherwise: the demo's Countdown distribution
@@ -173,7 +172,7 @@ FORMAT = "tinyzero"
 EXTENSION = "Wait"  # what budget forcing appends by default (engine.Budget.extension_string)
 TARGET = {"format_rate_min": 0.5, "accuracy_min": 0.02, "accuracy_max": 0.4}  # for the `small` base
 EVAL_SEED_OFFSET = 1_000_003  # held-out problems: test split and a seed no training run uses
-RECIPE_VERSION = 4  # bump when the corpus or the training loop changes, so cached builds are redone
+RECIPE_VERSION = 3  # bump when the corpus or the training loop changes, so cached builds are redone
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,20 +209,8 @@ def countdown_attempt(problem, trace, fmt, rng: random.Random, s: Schedule) -> t
     return "solved", fmt.prompt(problem.prompt) + fmt.completion(thinking, trace.answer)
 
 
-def near_miss(v: int, rng: random.Random) -> int:
-    """A positive number that is not v but looks like it: off by a little, its digits swapped, or any."""
-    digits = str(v)
-    candidates = [v + d for d in (-10, -2, -1, 1, 2, 10) if v + d > 0] + [rng.randint(1, 100)]
-    if len(digits) > 1 and digits[::-1] != digits and digits[-1] != "0":
-        candidates.append(int(digits[::-1]))
-    return rng.choice([c for c in candidates if c != v] or [v + 1])
-
-
-def arithmetic_drill(rng: random.Random, facts: int = 12, check_share: float = 0.5) -> str:
-    """One line of arithmetic facts over the numbers a Countdown search meets, e.g. `63*5=315 (9*5)+7=45+7=52`.
-    A share of the one-step facts ends with the search's check against a number that is the value half the
-    time and a near miss otherwise (`9+4=13 vs 13 yes`, `7*7=49 vs 94 no`): in the searches, "yes" comes once
-    per solved problem and only on its last line, too rarely for the base to learn the comparison from them."""
+def arithmetic_drill(rng: random.Random, facts: int = 12) -> str:
+    """One line of arithmetic facts over the numbers a Countdown search meets, e.g. `63*5=315 (9*5)+7=45+7=52`."""
     out = []
     for _ in range(facts):
         a, b, c = rng.choice([rng.randint(1, 10), rng.randint(1, 100)]), rng.randint(1, 10), rng.randint(1, 10)
@@ -234,11 +221,7 @@ def arithmetic_drill(rng: random.Random, facts: int = 12, check_share: float = 0
             op = "*"
         v = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
         if rng.random() < 0.7:
-            check = ""
-            if rng.random() < check_share:
-                t = v if rng.random() < 0.5 else near_miss(v, rng)
-                check = f" vs {t} {'yes' if t == v else 'no'}"
-            out.append(f"{a}{op}{b}={v}{check}")
+            out.append(f"{a}{op}{b}={v}")
             continue
         op2 = rng.choice("+-*")
         w = {"+": v + c, "-": v - c, "*": v * c}[op2]
