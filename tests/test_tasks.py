@@ -51,17 +51,17 @@ def _check_countdown_trace(numbers, target, thinking):
     *search_lines, verify = thinking.split("\n")
     hits = 0
     for line in search_lines:
-        for a, op, b, v, t, verdict in re.findall(r"(\d+)([-+*/])(\d+)=(\d+)(?: vs (\d+) (yes|no))?", line):
+        for a, op, b, v, rel, t in re.findall(r"(\d+)([-+*/])(\d+)=(\d+)(?:(==|!=)(\d+))?", line):
             exact = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b),
                      "/": Fraction(int(a), int(b))}[op]
             assert exact == int(v) and int(v) > 0, line
-            if verdict:
+            if rel:
                 assert int(t) == target, line
-                assert (int(v) == target) == (verdict == "yes"), line
-                hits += verdict == "yes"
-    assert hits == 1 and search_lines[-1].endswith(f"={target} vs {target} yes")
-    assert verify.endswith(f"={target} vs {target} yes")
-    stages = verify[: -len(f" vs {target} yes")].split("=")  # the expression, reduced one operation at a time
+                assert (int(v) == target) == (rel == "=="), line
+                hits += rel == "=="
+    assert hits == 1 and "==" in search_lines[-1]
+    assert verify.endswith(f"={target}=={target}")
+    stages = verify[: -len(f"=={target}")].split("=")  # the expression, reduced one operation at a time
     assert len(stages) == len(numbers) and all(evaluate(s) == target for s in stages)
 
 
@@ -80,10 +80,10 @@ def test_countdown_solver_solutions_score_one(numbers, target):
 
 def test_countdown_trace_example_reads_like_search():
     trace = COUNTDOWN.solve(COUNTDOWN.make([3, 5, 7], 22))
-    assert trace.thinking == ("3+5=8 8+7=15 vs 22 no 8-7=1 vs 22 no 8*7=56 vs 22 no\n"
-                              "5-3=2 2+7=9 vs 22 no 7-2=5 vs 22 no 2*7=14 vs 22 no\n"
-                              "3*5=15 15+7=22 vs 22 yes\n"
-                              "(3*5)+7=15+7=22 vs 22 yes")
+    assert trace.thinking == ("3+5=8 8+7=15!=22 8-7=1!=22 8*7=56!=22\n"
+                              "5-3=2 2+7=9!=22 7-2=5!=22 2*7=14!=22\n"
+                              "3*5=15 15+7=22==22\n"
+                              "(3*5)+7=15+7=22==22")
     assert trace.answer == "<answer>(3*5)+7</answer>"
 
 

@@ -23,7 +23,7 @@ but has *not* been taught to solve Countdown (a base that RL and budget forcing 
   yet, gives up with probability `give_up[k]` and answers with a guess (a random expression over the
   numbers). Attempts mostly search on for two lines and mostly give up before the fourth, so the greedy
   base model searches three lines and then guesses: right when an early line hits the target and it
-  notices (`vs T yes`), wrong otherwise. Sampled, it sometimes searches longer, and those longer searches are
+  notices (`==T`), wrong otherwise. Sampled, it sometimes searches longer, and those longer searches are
   what RL can reward and what a larger thinking budget buys. A few attempts, instead of giving up, write the extension
   string ("Wait") and go on searching, so that budget forcing's extensions mean something to this model.
 - A few attempts with empty thinking and a guess.
@@ -172,7 +172,7 @@ FORMAT = "tinyzero"
 EXTENSION = "Wait"  # what budget forcing appends by default (engine.Budget.extension_string)
 TARGET = {"format_rate_min": 0.5, "accuracy_min": 0.02, "accuracy_max": 0.4}  # for the `small` base
 EVAL_SEED_OFFSET = 1_000_003  # held-out problems: test split and a seed no training run uses
-RECIPE_VERSION = 3  # bump when the corpus or the training loop changes, so cached builds are redone
+RECIPE_VERSION = 2  # bump when the corpus or the training loop changes, so cached builds are redone
 
 
 # ---------------------------------------------------------------------------------------------------------

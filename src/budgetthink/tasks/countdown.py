@@ -3,7 +3,7 @@
     task = Countdown(num_numbers=3, number_range=(1, 10), template="compact")
     problems = task.generate(1000, seed=0)     # distinct, each solvable by the solver below
     task.score(problems[0], "...<answer>(3*5)+7</answer>")   # Score(reward=1.0, ...)
-    trace = task.solve(problems[0])            # Trace(thinking="3+5=8 8+7=15 vs 22 no ...", answer="<answer>...</answer>")
+    trace = task.solve(problems[0])            # Trace(thinking="3+5=8 8+7=15!=22 ...", answer="<answer>...</answer>")
 
 Scoring follows TinyZero's rules (reference/tinyzero.md) with DESIGN.md's deliberate differences: the
 completion is scored on its own (no "Assistant:" split, no last-line rule); the last `<answer>...</answer>`
@@ -19,10 +19,10 @@ a positive integer), the new number placed first. One line per choice of the fir
 the line then lists every final attempt with an explicit local check that restates the target:
 
     3 5 7 -> 22
-    <think>3+5=8 8+7=15 vs 22 no 8-7=1 vs 22 no 8*7=56 vs 22 no
-    5-3=2 2+7=9 vs 22 no 7-2=5 vs 22 no 2*7=14 vs 22 no
-    3*5=15 15+7=22 vs 22 yes
-    (3*5)+7=15+7=22 vs 22 yes</think><answer>(3*5)+7</answer>
+    <think>3+5=8 8+7=15!=22 8-7=1!=22 8*7=56!=22
+    5-3=2 2+7=9!=22 7-2=5!=22 2*7=14!=22
+    3*5=15 15+7=22==22
+    (3*5)+7=15+7=22==22</think><answer>(3*5)+7</answer>
 
 With more numbers each deeper choice starts its own line, indented by its depth. The search stops at the
 first attempt that hits the target, so harder problems (found later in the order) have longer traces; the
@@ -150,13 +150,6 @@ def _reduce_once(node):
     return (op, a, _reduce_once(b))
 
 
-def _check(value: int, target: int) -> str:
-    """The local check after an attempt: the target is copied next to the value before the verdict, so the
-    model compares two numbers a few characters apart instead of deciding `==`/`!=` before it writes the
-    target (the tiny model then missed 4 in 10 hits: benchmarks/results/sft_errors.json)."""
-    return f" vs {target} {'yes' if value == target else 'no'}"
-
-
 def search(numbers: list[int], target: int) -> tuple[str, str] | None:
     """(thinking, expression) of the first solution in the fixed search order, or None."""
     lines: list[str] = []
@@ -186,7 +179,7 @@ def search(numbers: list[int], target: int) -> tuple[str, str] | None:
         for op, swapped, v in _moves(xv, yv):
             a, b = ((yv, yn), (xv, xn)) if swapped else ((xv, xn), (yv, yn))
             hit = v == target
-            parts.append(f"{a[0]}{op}{b[0]}={v}{_check(v, target)}")
+            parts.append(f"{a[0]}{op}{b[0]}={v}{'==' if hit else '!='}{target}")
             if hit:
                 found = (op, a[1], b[1])
                 break
@@ -199,7 +192,7 @@ def search(numbers: list[int], target: int) -> tuple[str, str] | None:
     if len(numbers) > MAX_NUMBERS:  # the search would not finish in reasonable time
         return None
     if len(numbers) == 1:
-        return (f"{numbers[0]}{_check(target, target)}", str(numbers[0])) if numbers[0] == target else None
+        return (f"{numbers[0]}=={target}", str(numbers[0])) if numbers[0] == target else None
     solved = go([(n, n) for n in numbers], 0)
     if solved is None:
         return None
@@ -207,7 +200,7 @@ def search(numbers: list[int], target: int) -> tuple[str, str] | None:
     while not isinstance(node, int):
         node = _reduce_once(node)
         steps.append(_render(node))
-    lines.append("=".join(steps) + _check(target, target))
+    lines.append("=".join(steps) + f"=={target}")
     return "\n".join(lines), _render(solved)
 
 
