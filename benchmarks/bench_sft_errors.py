@@ -5,7 +5,8 @@
 Greedy, unbudgeted, on the held-out problems bench_distill_tiny uses (test split, its seed). For each model:
 accuracy, and over every step `a op b = v` the model writes in its thinking, the share where v is wrong
 (by operation, small or large operands), and over every check `v ==/!= T` the share where the verdict is
-wrong or T is not the target. Writes benchmarks/results/sft_errors.json.
+wrong or T is not the target; of the checks whose value equals T, the share called unequal (missed hits), and
+of the others, the share called equal (false hits; the last line's re-check counts too). Writes benchmarks/results/sft_errors.json.
 """
 
 import argparse
@@ -24,6 +25,7 @@ CHECK = re.compile(r"(\d+)(==|!=)(\d+)")
 
 def anatomy(problems, outs, task) -> dict:
     steps, slips, checks, wrong_verdict, wrong_target = {}, {}, 0, 0, 0
+    hits, missed, misses, false_hits = 0, 0, 0, 0
     for p, o in zip(problems, outs):
         for a, op, b, v in STEP.findall(o.thinking):
             a, b, v = int(a), int(b), int(v)
@@ -33,14 +35,18 @@ def anatomy(problems, outs, task) -> dict:
             slips[key] = slips.get(key, 0) + (true != v)
         for v, verdict, t in CHECK.findall(o.thinking):
             checks += 1
-            wrong_verdict += (int(v) == int(t)) != (verdict == "==")
+            equal, said_equal = int(v) == int(t), verdict == "=="
+            wrong_verdict += equal != said_equal
             wrong_target += int(t) != p.answer["target"]
+            hits, missed = hits + equal, missed + (equal and not said_equal)
+            misses, false_hits = misses + (not equal), false_hits + (said_equal and not equal)
     return {"accuracy": sum(task.score(p, o.text).correct for p, o in zip(problems, outs)) / len(problems),
             "finish_reasons": {r: sum(o.finish_reason == r for o in outs) for r in {o.finish_reason for o in outs}},
             "steps": sum(steps.values()), "arithmetic_slip_rate": sum(slips.values()) / max(1, sum(steps.values())),
             "slip_rate_by_step": {k: round(slips[k] / steps[k], 3) for k in sorted(steps)},
             "checks": checks, "wrong_verdict_rate": wrong_verdict / max(1, checks),
-            "wrong_target_rate": wrong_target / max(1, checks)}
+            "wrong_target_rate": wrong_target / max(1, checks),
+            "missed_hit_rate": missed / max(1, hits), "false_hit_rate": false_hits / max(1, misses)}
 
 
 def main() -> int:
