@@ -51,13 +51,13 @@ def _check_countdown_trace(numbers, target, thinking):
     *search_lines, verify = thinking.split("\n")
     hits = 0
     for line in search_lines:
-        for a, op, b, v, rel, t in re.findall(r"(\d+)([-+*/])(\d+)=(\d+)(?:(==|!=)(\d+))?", line):
+        for a, op, b, v, rel, t in re.findall(r"(\d+)([-+*/])(\d+)=(\d+)(?:(==|<|>)(\d+))?", line):
             exact = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b),
                      "/": Fraction(int(a), int(b))}[op]
             assert exact == int(v) and int(v) > 0, line
             if rel:
                 assert int(t) == target, line
-                assert (int(v) == target) == (rel == "=="), line
+                assert rel == {-1: "<", 0: "==", 1: ">"}[(int(v) > target) - (int(v) < target)], line
                 hits += rel == "=="
     assert hits == 1 and "==" in search_lines[-1]
     assert verify.endswith(f"={target}=={target}")
@@ -80,8 +80,8 @@ def test_countdown_solver_solutions_score_one(numbers, target):
 
 def test_countdown_trace_example_reads_like_search():
     trace = COUNTDOWN.solve(COUNTDOWN.make([3, 5, 7], 22))
-    assert trace.thinking == ("3+5=8 8+7=15!=22 8-7=1!=22 8*7=56!=22\n"
-                              "5-3=2 2+7=9!=22 7-2=5!=22 2*7=14!=22\n"
+    assert trace.thinking == ("3+5=8 8+7=15<22 8-7=1<22 8*7=56>22\n"
+                              "5-3=2 2+7=9<22 7-2=5<22 2*7=14<22\n"
                               "3*5=15 15+7=22==22\n"
                               "(3*5)+7=15+7=22==22")
     assert trace.answer == "<answer>(3*5)+7</answer>"

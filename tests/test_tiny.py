@@ -43,7 +43,7 @@ def test_model_directory_loads_through_auto_classes(tiny_model_dir):
     "two  spaces, a trailing space \nand\n\nblank lines\n",
     "  leading spaces and a tab-free line ending in a newline\n",
     "punctuation after spaces: a , b . c ! d ? e 's f n't g ; h :",
-    "9 7 5 -> 52\n<think>9+7=16 16+5=21!=52\n9*5=45 45+7=52==52</think><answer>(9*5)+7</answer>",
+    "9 7 5 -> 52\n<think>9+7=16 16+5=21<52\n9*5=45 45+7=52==52</think><answer>(9*5)+7</answer>",
     "<answer> (1 + 2) / 3 </answer>",
     "Wait<think></think>Wait",
 ])

@@ -172,7 +172,7 @@ FORMAT = "tinyzero"
 EXTENSION = "Wait"  # what budget forcing appends by default (engine.Budget.extension_string)
 TARGET = {"format_rate_min": 0.5, "accuracy_min": 0.02, "accuracy_max": 0.4}  # for the `small` base
 EVAL_SEED_OFFSET = 1_000_003  # held-out problems: test split and a seed no training run uses
-RECIPE_VERSION = 2  # bump when the corpus or the training loop changes, so cached builds are redone
+RECIPE_VERSION = 5  # bump when the corpus or the training loop changes, so cached builds are redone
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     task = Countdown(num_numbers=3, number_range=(1, 10), template="compact")
     problems = task.generate(1000, seed=0)     # distinct, each solvable by the solver below
     task.score(problems[0], "...<answer>(3*5)+7</answer>")   # Score(reward=1.0, ...)
-    trace = task.solve(problems[0])            # Trace(thinking="3+5=8 8+7=15!=22 ...", answer="<answer>...</answer>")
+    trace = task.solve(problems[0])            # Trace(thinking="3+5=8 8+7=15<22 ...", answer="<answer>...</answer>")
 
 Scoring follows TinyZero's rules (reference/tinyzero.md) with DESIGN.md's deliberate differences: the
 completion is scored on its own (no "Assistant:" split, no last-line rule); the last `<answer>...</answer>`
@@ -16,11 +16,12 @@ The solver is a depth-first search in a fixed order, written out as the trace a 
 pairs of the current numbers in order (i < j), operations in the order + - * / (a difference or quotient is
 written larger-first; zero differences, inexact quotients and division by 1 are skipped, so every value is
 a positive integer), the new number placed first. One line per choice of the first pair; with three numbers
-the line then lists every final attempt with an explicit local check that restates the target:
+the line then lists every final attempt with an explicit local check that says how the value compares with
+the target (`<`, `>` or `==`) and restates the target:
 
     3 5 7 -> 22
-    <think>3+5=8 8+7=15!=22 8-7=1!=22 8*7=56!=22
-    5-3=2 2+7=9!=22 7-2=5!=22 2*7=14!=22
+    <think>3+5=8 8+7=15<22 8-7=1<22 8*7=56>22
+    5-3=2 2+7=9<22 7-2=5<22 2*7=14<22
     3*5=15 15+7=22==22
     (3*5)+7=15+7=22==22</think><answer>(3*5)+7</answer>
 
@@ -150,6 +151,13 @@ def _reduce_once(node):
     return (op, a, _reduce_once(b))
 
 
+def _relation(value: int, target: int) -> str:
+    """`<`, `>` or `==`: an order, not just `!=`. With `!=` a model can be right 19 times in 20 by never
+    noticing a hit; the tiny model fine-tuned on `!=` traces called 73% of the hits in its searches unequal
+    (benchmarks/bench_sft_errors.py). Every check now asks for a comparison it must actually make."""
+    return "<" if value < target else ">" if value > target else "=="
+
+
 def search(numbers: list[int], target: int) -> tuple[str, str] | None:
     """(thinking, expression) of the first solution in the fixed search order, or None."""
     lines: list[str] = []
@@ -179,7 +187,7 @@ def search(numbers: list[int], target: int) -> tuple[str, str] | None:
         for op, swapped, v in _moves(xv, yv):
             a, b = ((yv, yn), (xv, xn)) if swapped else ((xv, xn), (yv, yn))
             hit = v == target
-            parts.append(f"{a[0]}{op}{b[0]}={v}{'==' if hit else '!='}{target}")
+            parts.append(f"{a[0]}{op}{b[0]}={v}{_relation(v, target)}{target}")
             if hit:
                 found = (op, a[1], b[1])
                 break
