@@ -297,7 +297,7 @@ async def _ask(client, task, p, teacher, model_name, fmt, sampling, budget, retr
         reported = getattr(details, "reasoning_tokens", None) if details is not None else None
         if reported is not None:
             usage["reasoning_tokens"] = reported
-    thinking_tokens = reported if reported else count(thinking)
+    thinking_tokens = reported if reported is not None else count(thinking)  # 0 is a report too
     return _record(task, p, teacher, thinking, answer, model=model_name, thinking_tokens=thinking_tokens,
                    usage=usage, cost=price(usage, price_in, price_out), finish_reason=choice.finish_reason,
                    seconds=secs)
