@@ -3,10 +3,13 @@
     .venv/bin/python benchmarks/bench_sft_errors.py MODEL_DIR [MODEL_DIR ...] [--n 200] [--out FILE]
 
 Greedy, unbudgeted, on the held-out problems bench_distill_tiny uses (test split, its seed). For each model:
-accuracy, and over every step `a op b = v` the model writes in its thinking, the share where v is wrong
-(by operation, small or large operands), and over every check `v ==/!= T` the share where the verdict is
-wrong or T is not the target; of the checks whose value equals T, the share called unequal (missed hits), and
-of the others, the share called equal (false hits; the last line's re-check counts too). Writes benchmarks/results/sft_errors.json.
+accuracy, and over every step `a op b = v` the model writes in its thinking, the share where v is wrong (by
+operation, small or large operands). Over every check in the search lines (`v<T`, `v>T`, `v==T`, or `v!=T`
+in traces from before tiny RECIPE_VERSION 5; the last line's re-check of the chosen expression is not
+counted): the share with a wrong verdict or a T that is not the target; of the checks whose value equals T,
+the share called unequal (missed hits); of the others, the share called equal (false hits). For each wrong
+answer, where the search first departs from the solver's trace for that problem (`departure`; the solver's
+notation must be the one the model was trained on). Writes benchmarks/results/sft_errors.json.
 """
 
 import argparse
@@ -20,24 +23,55 @@ import torch
 from paths import ROOT, shown
 
 STEP = re.compile(r"(?<![\d)])(\d+)([+\-*/])(\d+)=(\d+)")
-CHECK = re.compile(r"(\d+)(==|!=)(\d+)")
+CHECK = re.compile(r"(\d+)(==|!=|<|>)(\d+)")  # `v<T`, `v>T`, `v==T`; `v!=T` before tiny RECIPE_VERSION 5
+
+VALUE_SO_FAR = re.compile(r"\d+[+\-*/]\d+=\d*$")  # the text before a departure ends inside a step's value
+
+
+def departure(gold: str, text: str) -> str:
+    """Where a wrong search first leaves the solver's trace for the same problem (the tiny model imitates it
+    character by character): at a check (missed or false hit), inside a step's value (arithmetic slip), in the
+    target it restates, by stopping early, or elsewhere (another order of attempts, a "Wait", ...)."""
+    i = next((k for k, (g, t) in enumerate(zip(gold, text)) if g != t), min(len(gold), len(text)))
+    if i == len(gold) == len(text):
+        return "answer only"
+    if i == len(text):
+        return "stopped early"
+    said, truth = text[i:i + 2], gold[i:i + 2]
+    if truth == "==" and said[:1] in "!<>":
+        return "missed hit"
+    if truth[:1] in "!<>" and said == "==":
+        return "false hit"
+    if truth[:1] in "<>" and said[:1] in "<>":
+        return "wrong order"
+    if re.search(r"(==|!=|<|>)\d*$", gold[:i]):
+        return "target"
+    if VALUE_SO_FAR.search(gold[:i]):
+        return "arithmetic slip"
+    return "other"
 
 
 def anatomy(problems, outs, task) -> dict:
     steps, slips, checks, wrong_verdict, wrong_target = {}, {}, 0, 0, 0
     hits, missed, misses, false_hits = 0, 0, 0, 0
+    departures: dict[str, int] = {}
     for p, o in zip(problems, outs):
+        if not task.score(p, o.text).correct:
+            kind = departure(task.solve(p).thinking, o.thinking)
+            departures[kind] = departures.get(kind, 0) + 1
         for a, op, b, v in STEP.findall(o.thinking):
             a, b, v = int(a), int(b), int(v)
             true = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
             key = f"{op} {'large' if max(a, b) >= 20 or (true or 0) >= 100 else 'small'}"
             steps[key] = steps.get(key, 0) + 1
             slips[key] = slips.get(key, 0) + (true != v)
-        for v, verdict, t in CHECK.findall(o.thinking):
+        search = "\n".join(line for line in o.thinking.split("\n") if "(" not in line)  # not the last re-check
+        for v, verdict, t in CHECK.findall(search):
             checks += 1
-            equal, said_equal = int(v) == int(t), verdict == "=="
-            wrong_verdict += equal != said_equal
-            wrong_target += int(t) != p.answer["target"]
+            v, t = int(v), int(t)
+            equal, said_equal = v == t, verdict == "=="
+            wrong_verdict += verdict != ("==" if equal else "<" if v < t else ">") and not (verdict == "!=" and not equal)
+            wrong_target += t != p.answer["target"]
             hits, missed = hits + equal, missed + (equal and not said_equal)
             misses, false_hits = misses + (not equal), false_hits + (said_equal and not equal)
     return {"accuracy": sum(task.score(p, o.text).correct for p, o in zip(problems, outs)) / len(problems),
@@ -46,7 +80,8 @@ def anatomy(problems, outs, task) -> dict:
             "slip_rate_by_step": {k: round(slips[k] / steps[k], 3) for k in sorted(steps)},
             "checks": checks, "wrong_verdict_rate": wrong_verdict / max(1, checks),
             "wrong_target_rate": wrong_target / max(1, checks),
-            "missed_hit_rate": missed / max(1, hits), "false_hit_rate": false_hits / max(1, misses)}
+            "missed_hit_rate": missed / max(1, hits), "false_hit_rate": false_hits / max(1, misses),
+            "failures_by_departure": dict(sorted(departures.items(), key=lambda kv: -kv[1]))}
 
 
 def main() -> int:
