@@ -53,7 +53,7 @@ def departure(gold: str, text: str) -> str:
 
 def anatomy(problems, outs, task) -> dict:
     steps, slips, checks, wrong_verdict, wrong_target = {}, {}, 0, 0, 0
-    hits, missed, misses, false_hits = 0, 0, 0, 0
+    hits, missed, unequal, false_hits = 0, 0, 0, 0
     departures: dict[str, int] = {}
     for p, o in zip(problems, outs):
         if not task.score(p, o.text).correct:
@@ -69,18 +69,20 @@ def anatomy(problems, outs, task) -> dict:
         for v, verdict, t in CHECK.findall(search):
             checks += 1
             v, t = int(v), int(t)
-            equal, said_equal = v == t, verdict == "=="
-            wrong_verdict += verdict != ("==" if equal else "<" if v < t else ">") and not (verdict == "!=" and not equal)
+            truth = "==" if v == t else "<" if v < t else ">"
+            wrong_verdict += verdict != truth and not (verdict == "!=" and truth != "==")
             wrong_target += t != p.answer["target"]
-            hits, missed = hits + equal, missed + (equal and not said_equal)
-            misses, false_hits = misses + (not equal), false_hits + (said_equal and not equal)
+            if truth == "==":
+                hits, missed = hits + 1, missed + (verdict != "==")
+            else:
+                unequal, false_hits = unequal + 1, false_hits + (verdict == "==")
     return {"accuracy": sum(task.score(p, o.text).correct for p, o in zip(problems, outs)) / len(problems),
             "finish_reasons": {r: sum(o.finish_reason == r for o in outs) for r in {o.finish_reason for o in outs}},
             "steps": sum(steps.values()), "arithmetic_slip_rate": sum(slips.values()) / max(1, sum(steps.values())),
             "slip_rate_by_step": {k: round(slips[k] / steps[k], 3) for k in sorted(steps)},
             "checks": checks, "wrong_verdict_rate": wrong_verdict / max(1, checks),
             "wrong_target_rate": wrong_target / max(1, checks),
-            "missed_hit_rate": missed / max(1, hits), "false_hit_rate": false_hits / max(1, misses),
+            "missed_hit_rate": missed / max(1, hits), "false_hit_rate": false_hits / max(1, unequal),
             "failures_by_departure": dict(sorted(departures.items(), key=lambda kv: -kv[1]))}
 
 

@@ -153,8 +153,8 @@ def _reduce_once(node):
 
 def _relation(value: int, target: int) -> str:
     """`<`, `>` or `==`: an order, not just `!=`. With `!=` a model can be right 19 times in 20 by never
-    noticing a hit; the tiny model fine-tuned 30 epochs on `!=` traces called 72% of the hits in its searches unequal
-    (benchmarks/bench_sft_errors.py). Every check now asks for a comparison it must actually make."""
+    noticing a hit; the tiny model fine-tuned 30 epochs on `!=` traces called 72% of the hits in its searches
+    unequal (benchmarks/bench_sft_errors.py). Every check now asks for a comparison it must actually make."""
     return "<" if value < target else ">" if value > target else "=="
 
 
