@@ -17,6 +17,7 @@ import json
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ STEP = re.compile(r"(?<![\d)])(\d+)([+\-*/])(\d+)=(\d+)")
 CHECK = re.compile(r"(\d+)(==|!=|<|>)(\d+)")  # `v<T`, `v>T`, `v==T`; `v!=T` before tiny RECIPE_VERSION 5
 
 VALUE_SO_FAR = re.compile(r"\d+[+\-*/]\d+=\d*$")  # the text before a departure ends inside a step's value
+TARGET_SO_FAR = re.compile(r"(==|!=|<|>)\d*$")  # ... or inside the target a check restates
 
 
 def departure(gold: str, text: str) -> str:
@@ -44,7 +46,7 @@ def departure(gold: str, text: str) -> str:
         return "false hit"
     if truth[:1] in "<>" and said[:1] in "<>":
         return "wrong order"
-    if re.search(r"(==|!=|<|>)\d*$", gold[:i]):
+    if TARGET_SO_FAR.search(gold[:i]):
         return "target"
     if VALUE_SO_FAR.search(gold[:i]):
         return "arithmetic slip"
@@ -52,13 +54,14 @@ def departure(gold: str, text: str) -> str:
 
 
 def anatomy(problems, outs, task) -> dict:
+    from budgetthink.tasks.countdown import relation
+
     steps, slips, checks, wrong_verdict, wrong_target = {}, {}, 0, 0, 0
     hits, missed, unequal, false_hits = 0, 0, 0, 0
-    departures: dict[str, int] = {}
+    correct = [task.score(p, o.text).correct for p, o in zip(problems, outs)]
+    departures = Counter(departure(task.solve(p).thinking, o.thinking)
+                         for p, o, ok in zip(problems, outs, correct) if not ok)
     for p, o in zip(problems, outs):
-        if not task.score(p, o.text).correct:
-            kind = departure(task.solve(p).thinking, o.thinking)
-            departures[kind] = departures.get(kind, 0) + 1
         for a, op, b, v in STEP.findall(o.thinking):
             a, b, v = int(a), int(b), int(v)
             true = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
@@ -69,21 +72,21 @@ def anatomy(problems, outs, task) -> dict:
         for v, verdict, t in CHECK.findall(search):
             checks += 1
             v, t = int(v), int(t)
-            truth = "==" if v == t else "<" if v < t else ">"
+            truth = relation(v, t)
             wrong_verdict += verdict != truth and not (verdict == "!=" and truth != "==")
             wrong_target += t != p.answer["target"]
             if truth == "==":
                 hits, missed = hits + 1, missed + (verdict != "==")
             else:
                 unequal, false_hits = unequal + 1, false_hits + (verdict == "==")
-    return {"accuracy": sum(task.score(p, o.text).correct for p, o in zip(problems, outs)) / len(problems),
+    return {"accuracy": sum(correct) / len(problems),
             "finish_reasons": {r: sum(o.finish_reason == r for o in outs) for r in {o.finish_reason for o in outs}},
             "steps": sum(steps.values()), "arithmetic_slip_rate": sum(slips.values()) / max(1, sum(steps.values())),
             "slip_rate_by_step": {k: round(slips[k] / steps[k], 3) for k in sorted(steps)},
             "checks": checks, "wrong_verdict_rate": wrong_verdict / max(1, checks),
             "wrong_target_rate": wrong_target / max(1, checks),
             "missed_hit_rate": missed / max(1, hits), "false_hit_rate": false_hits / max(1, unequal),
-            "failures_by_departure": dict(sorted(departures.items(), key=lambda kv: -kv[1]))}
+            "failures_by_departure": dict(departures.most_common())}
 
 
 def main() -> int:

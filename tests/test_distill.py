@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 from test_serve import Server  # `budgetthink serve` under uvicorn on a free loopback port
 
-from budgetthink.data.distill import _retry_after, distill, parse_teacher, split_thinking
+from budgetthink.data.distill import _ask, _retry_after, distill, parse_teacher, split_thinking
 from budgetthink.engine import Budget, Sampling
 from budgetthink.errors import UserError
 from budgetthink.formats import get_format
@@ -55,6 +55,36 @@ def test_teacher_spec_and_reply_parsing(tmp_path):
         distill("countdown", "openai:https://api.example.com/v1", 2, str(tmp_path / "never-written.jsonl"),
                 model_name="m",
                 api_key_env=env)
+
+
+def test_openai_reply_keeps_the_reported_reasoning_tokens_even_when_zero():
+    import asyncio
+
+    from openai.types.chat import ChatCompletion
+
+    task = get_task("countdown")
+    p = task.make([3, 5, 7], 22)
+
+    def reply(reasoning_tokens):
+        usage = {"prompt_tokens": 9, "completion_tokens": 20, "total_tokens": 29}
+        if reasoning_tokens is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+        done = ChatCompletion.model_validate({
+            "id": "x", "object": "chat.completion", "created": 0, "model": "m", "usage": usage,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": "<think>3*5=15</think><answer>(3*5)+7</answer>"}}]})
+
+        async def create(**kwargs):
+            return done
+        return SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(create=create)))
+
+    def ask(client, count):
+        return asyncio.run(_ask(client, task, p, "openai:x", "m", FMT, Sampling(max_tokens=32), None, 0, 0.0, 0.0,
+                                0.0, 0.0, count, {}, None))
+
+    assert ask(reply(0), lambda text: 99)["thinking_tokens"] == 0  # a report of 0 is kept, not recounted
+    assert ask(reply(4), lambda text: 99)["thinking_tokens"] == 4
+    assert ask(reply(None), lambda text: len(text))["thinking_tokens"] == 6  # nothing reported: counted
 
 
 def test_solver_teacher_writes_correct_traces(tmp_path):

@@ -151,7 +151,7 @@ def _reduce_once(node):
     return (op, a, _reduce_once(b))
 
 
-def _relation(value: int, target: int) -> str:
+def relation(value: int, target: int) -> str:
     """`<`, `>` or `==`: an order, not just `!=`. With `!=` a model can be right 19 times in 20 by never
     noticing a hit; the tiny model fine-tuned 30 epochs on `!=` traces called 72% of the hits in its searches
     unequal (benchmarks/bench_sft_errors.py). Every check now asks for a comparison it must actually make."""
@@ -187,7 +187,7 @@ def search(numbers: list[int], target: int) -> tuple[str, str] | None:
         for op, swapped, v in _moves(xv, yv):
             a, b = ((yv, yn), (xv, xn)) if swapped else ((xv, xn), (yv, yn))
             hit = v == target
-            parts.append(f"{a[0]}{op}{b[0]}={v}{_relation(v, target)}{target}")
+            parts.append(f"{a[0]}{op}{b[0]}={v}{relation(v, target)}{target}")
             if hit:
                 found = (op, a[1], b[1])
                 break
