@@ -4,8 +4,9 @@
 
 1. base:    the `small` tiny model (tiny.cached_build; built and pretrained here if not cached)
 2. distill: the Countdown solver's traces for `--pool` training-split problems
-3. curate:  1,000 of them, s1-style (quality, correct answers, diversity over solution shapes, longest
-            traces favoured) with budgetthink.data.curate
+3. curate:  1,000 of them, s1-style (quality, correct answers, diversity over solution shapes) with
+            budgetthink.data.curate, drawn uniformly within each solution shape (`prefer_long=False`): s1's
+            preference for long traces selects late hits here, and cost 11.5 points (see curate.py)
 4. sft:     budgetthink sft with recipes/tiny-s1-sft.yaml (extra key=value overrides from the command line)
 5. eval:    greedy accuracy on `--eval-n` held-out problems (test split, a seed no training stage uses),
             for the base and the fine-tuned model, unbudgeted and under budget forcing at each maximum
@@ -144,8 +145,8 @@ def main() -> int:
     say("3. curate")
     selected = work / "selected.jsonl"
     if not selected.exists():
-        funnel = curate(traces, args.curate_n, selected, seed=0, require_correct=True, fmt="tinyzero",
-                        task_options={"countdown": TASK_OPTIONS})
+        funnel = curate(traces, args.curate_n, selected, seed=0, require_correct=True, prefer_long=False,
+                        fmt="tinyzero", task_options={"countdown": TASK_OPTIONS})
     else:
         funnel = json.loads((work / "funnel.json").read_text())
 

@@ -54,6 +54,18 @@ def test_draws_within_a_domain_follow_two_to_the_minus_rank():
         assert abs(after_p0[pid] / total - p) < 4 * math.sqrt(p * (1 - p) / total), (pid, after_p0[pid] / total, p)
 
 
+def test_without_the_length_preference_draws_within_a_domain_are_uniform():
+    m, trials = 6, 6000
+    items = [(f"p{i}", "d", 100 * (m - i)) for i in range(m)]  # p0 longest ... p5 shortest
+    counts = Counter(select(items, 1, seed, prefer_long=False)[0] for seed in range(trials))
+    p = 1 / m  # every problem alike, the longest too (with the preference p0 would have 2^0 / 1.96875 = 0.51)
+    for r in range(m):
+        assert abs(counts[f"p{r}"] / trials - p) < 4 * math.sqrt(p * (1 - p) / trials), (r, counts[f"p{r}"] / trials)
+    # the domains are still visited in rounds
+    chosen = select(_pool({"a": 40, "b": 3, "c": 12}), 9, 0, prefer_long=False)
+    assert Counter(i[0] for i in chosen) == {"a": 3, "b": 3, "c": 3}
+
+
 def test_s1_draw_picks_domains_uniformly_and_keep_comes_first():
     items = _pool({"a": 3000, "b": 3000, "c": 3000})
     chosen = select(items, 3000, seed=1, draw="s1")

@@ -6,7 +6,7 @@
 Stages, each resumable (a demo interrupted and rerun picks up where it stopped):
 1. base:    build and pretrain the tiny model (reused from a cache keyed by its settings)
 2. rl:      R1-Zero-style GRPO on Countdown from the base (recipes/tiny-countdown-grpo.yaml)
-3. distill: the Countdown solver's traces; curate: 1,000 of them, s1-style; sft: fine-tune the base on them
+3. distill: the Countdown solver's traces; curate: 1,000 of them, s1-style but length-neutral; sft: fine-tune the base on them
 4. eval:    base, RL and SFT models over a sweep of thinking budgets, and majority voting
 5. the bill for the whole run, and 6. DIR/report.html with the plots, the tables and the bill.
 """
@@ -121,7 +121,7 @@ def run(out: Path, quick: bool = False, preset: str | None = None, cache_dir: Pa
     traces, selected = out / "distill" / "traces.jsonl", out / "curate" / "selected.jsonl"
     _stage(out, "distill", lambda: distill("countdown", "solver", s.distill_n, traces, seed=1,
                                            task_options={"split": "train"}))
-    _stage(out, "curate", lambda: curate(traces, s.curate_n, selected, seed=0))
+    _stage(out, "curate", lambda: curate(traces, s.curate_n, selected, seed=0, prefer_long=False))
 
     def sft_stage():
         cfg = load_config(sft.SFTConfig, _recipe("tiny-s1-sft.yaml"),
