@@ -1,23 +1,29 @@
 """Budget-aware RL against budget forcing on the tiny model: accuracy at each budget and control error of
-(a) plain RL + budget forcing and (b) budget-aware RL with the budget stated; writes
+(a) plain RL + budget forcing and (b) budget-aware training with the budget stated; writes
 benchmarks/results/bench_budget_rl.{json,png}.
 
-    python benchmarks/bench_budget_rl.py [--rl-model DIR] [--base DIR] [--minutes 10] [--n 200] \\
+    python benchmarks/bench_budget_rl.py [--start DIR] [--sft-data F] [--minutes 10] [--n 200] \\
         [--budgets 16,32,64,128] [--work DIR] [key=value ...]
 
-Both arms start from the same plain RL model (--rl-model; without it one is trained first with
-recipes/tiny-countdown-grpo.yaml as it stands from the `small` tiny base, `tiny.cached_build("small")`)
-and train for the same wall time, --minutes: (a) goes on with the plain GRPO recipe, (b) runs
-recipes/tiny-countdown-budget.yaml. Extra key=value overrides apply to both arms (budget_curriculum.* to (b)
-only). Then `evaluate.run` decodes
-greedily on the same N held-out problems (test split): (a) with method `forced` (budget forcing at B), (b) with
-`stated` (B in the prompt only, thinking cut at 4B so runs end) and `stated+forced`.
+Both arms start from the same fine-tuned model, --start (default: the one benchmarks/bench_distill_tiny.py
+leaves in runs/bench-distill-tiny/sft/model), and train for the same wall time, --minutes:
+(a) the plain GRPO recipe (recipes/tiny-countdown-grpo.yaml) for all of it;
+(b) first a short SFT that tells the model what a stated budget means: --sft-data (the traces --start was
+    fine-tuned on, so that it keeps its search) plus 2,000 solver traces written under a budget stated in their
+    prompt (`distill --stated-budgets`, the curriculum's budgets, fresh training problems), 3 epochs; then
+    budget-aware GRPO (recipes/tiny-countdown-budget.yaml) for the rest of the time.
+Both RL runs evaluate only at their start and end (eval_every is raised) so that neither spends its time on
+evaluations. Extra key=value overrides apply to both RL runs (budget_curriculum.* to (b) only). Then
+`evaluate.run` decodes greedily on the same N held-out problems (test split): (a) with method `forced`
+(budget forcing at B), (b) with `stated` (B in the prompt only, thinking cut at 4B so runs end) and
+`stated+forced`.
 
 Targets (issue 13): (b) stated at least as accurate as (a) at every budget and better at the two smallest;
 (b)'s control error under 15%; (b)'s accuracy non-decreasing in the budget. The JSON says which were met.
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -34,32 +40,52 @@ from budgetthink.jsonl import atomic_write_json, read_jsonl
 from budgetthink.train import rl
 
 GRPO, BUDGET = ROOT / "recipes" / "tiny-countdown-grpo.yaml", ROOT / "recipes" / "tiny-countdown-budget.yaml"
+SFT = ROOT / "recipes" / "tiny-s1-sft.yaml"
+DISTILLED = ROOT / "runs" / "bench-distill-tiny"  # bench_distill_tiny.py's work directory
+WARMUP = ["epochs=3", "lr=5e-4", "save_every=100000"]  # the budget SFT: about 4 minutes on 2 cores
 
 
-def train(recipe: Path, model: Path, out: Path, minutes: float | None, overrides: list[str]) -> dict:
-    """Train `recipe` from `model` into `out` for `minutes` of wall time (None: the recipe's max_steps);
-    resumed if `out` holds an unfinished run, reused if it holds a finished one."""
-    limit = [] if minutes is None else [f"max_minutes={minutes}", "max_steps=100000"]
-    cfg = load_config(rl.RLConfig, recipe, [f"model={model}", *limit, *overrides])
+def train(recipe: Path, model: Path, out: Path, minutes: float, overrides: list[str]) -> dict:
+    """Train `recipe` from `model` into `out` for `minutes` of wall time; resumed if `out` holds an unfinished
+    run, reused if it holds a finished one."""
+    cfg = load_config(rl.RLConfig, recipe, [f"model={model}", f"max_minutes={minutes}", "max_steps=100000",
+                                            "eval_every=100000", *overrides])
     t = time.perf_counter()
     done = (out / "model" / "config.json").exists()
     records = read_jsonl(out / "metrics.jsonl") if done else rl.train(cfg, out, resume=out.exists())
-    return {"recipe": str(recipe.relative_to(ROOT)), "from": shown(model), "steps": len(records),
-            "wall_s": round(time.perf_counter() - t, 1) if not done else None,
+    return {"recipe": str(recipe.relative_to(ROOT)), "from": shown(model), "minutes": round(minutes, 2),
+            "steps": len(records), "wall_s": round(time.perf_counter() - t, 1) if not done else None,
             "train_s": round(sum(r["step_s"] for r in records), 1), "model": shown(out / "model"),
             "last_metrics": {k: v for k, v in records[-1].items() if not k.endswith("_s")} if records else {}}
 
 
+def warmup(start: Path, sft_data: Path, budgets: list[int], work: Path) -> dict:
+    """(b)'s first stage: SFT from `start` on its own traces plus 2,000 traces written under a stated budget."""
+    from budgetthink.data.distill import distill
+    from budgetthink.train import sft
+
+    stated, mixed, out = work / "stated.jsonl", work / "warmup.jsonl", work / "b-warmup"
+    distill("countdown", "solver", 2000, stated, seed=7, stated_budgets=budgets,
+            task_options={"template": "compact", "split": "train"})
+    mixed.write_text(sft_data.read_text() + stated.read_text())
+    cfg = load_config(sft.SFTConfig, SFT, WARMUP, defaults={"model": str(start), "data": str(mixed)})
+    summary = (json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists()
+               else sft.train(cfg, out, resume=sft.latest_checkpoint(out) is not None))
+    return {"recipe": str(SFT.relative_to(ROOT)), "overrides": WARMUP, "from": shown(start),
+            "examples": summary["examples"], "wall_s": round(summary["wall_s"], 1), "final_loss": summary["final_loss"],
+            "model": shown(out / "model")}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rl-model", type=Path, default=None, help="plain RL model both arms start from")
-    ap.add_argument("--base", type=Path, default=None, help="tiny base to train the plain RL model from")
+    ap.add_argument("--start", type=Path, default=DISTILLED / "sft" / "model", help="fine-tuned model both arms start from")
+    ap.add_argument("--sft-data", type=Path, default=DISTILLED / "selected.jsonl", help="traces --start was fine-tuned on")
     ap.add_argument("--minutes", type=float, default=10.0, help="training wall time of each arm")
     ap.add_argument("--n", type=int, default=200, help="held-out problems")
     ap.add_argument("--seed", type=int, default=4242, help="seed of the held-out problems")
     ap.add_argument("--budgets", default="16,32,64,128")
     ap.add_argument("--device", default="cpu", help="training device (cpu, cuda); evaluation uses cuda if present")
-    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench_budget_rl", help="runs and evals")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-budget-rl", help="runs and evals")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_budget_rl.json")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -68,18 +94,14 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    runs = {}
-    if args.rl_model is None:
-        base = args.base
-        if base is None:
-            from budgetthink import tiny
-
-            base = tiny.cached_build("small", ROOT / ".cache" / "tiny", progress=True)
-        runs["plain_rl"] = train(GRPO, base, work / "plain", None, [f"device={args.device}"])  # the recipe as is
-        args.rl_model = ROOT / runs["plain_rl"]["model"]
+    for path, what in ((args.start / "config.json", "--start"), (args.sft_data, "--sft-data")):
+        if not path.exists():
+            ap.error(f"{what}: {path} not found; run benchmarks/bench_distill_tiny.py first or pass {what}")
     shared = [f"device={args.device}", *(o for o in args.overrides if not o.startswith("budget_curriculum"))]
-    runs["a"] = train(GRPO, args.rl_model, work / "a-plain-more", args.minutes, ["seed=1", *shared])
-    runs["b"] = train(BUDGET, args.rl_model, work / "b-budget", args.minutes, [f"device={args.device}", *args.overrides])
+    runs = {"a": train(GRPO, args.start, work / "a-plain", args.minutes, ["seed=1", *shared])}
+    runs["b_warmup"] = warmup(args.start, args.sft_data, budgets, work)
+    runs["b"] = train(BUDGET, ROOT / runs["b_warmup"]["model"], work / "b-budget",
+                      args.minutes - runs["b_warmup"]["wall_s"] / 60, [f"device={args.device}", *args.overrides])
 
     cfg = load_config(rl.RLConfig, BUDGET)
     common = {"task": cfg.task, "n": args.n, "seed": args.seed, "budgets": budgets, "fmt": cfg.format,
@@ -108,7 +130,7 @@ def main():
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cores": os.cpu_count(),
                           "torch_threads": __import__("torch").get_num_threads()},
               "settings": {"minutes": args.minutes, "n": args.n, "seed": args.seed, "budgets": budgets,
-                           "rl_model": str(args.rl_model), "overrides": args.overrides},
+                           "start": shown(args.start), "sft_data": shown(args.sft_data), "overrides": args.overrides},
               "runs": runs, "arms": arms, "targets": targets, "wall_s": round(time.perf_counter() - t0, 1)}
     atomic_write_json(args.out, result)
     plot(arms, budgets, args.out.with_suffix(".png"))

@@ -33,10 +33,26 @@ def test_data_generate_then_score(tmp_path):
     assert r.returncode == 0 and summary["format_rate"] == 0.75
 
 
+def test_distill_under_stated_budgets_then_curate_without_the_length_preference(tmp_path):
+    traces, selected = tmp_path / "t.jsonl", tmp_path / "s.jsonl"
+    r = run("distill", "--task", "countdown", "--teacher", "solver", "--n", "30", "--out", str(traces),
+            "--stated-budgets", "16,64")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in traces.read_text().splitlines()]
+    assert {x["budget"] for x in lines} == {16, 64} and all(len(x["thinking"]) <= x["budget"] for x in lines)
+    r = run("curate", "--in", str(traces), "--n", "10", "--out", str(selected), "--no-prefer-long")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "funnel.json").read_text())["stages"][-1]["prefer_long"] is False
+
+
 @pytest.mark.parametrize("args, words", [
     (["data", "generate", "--task", "nope", "--n", "2", "--out", "x.jsonl"], ["unknown task", "countdown"]),
     (["data", "generate", "--task", "countdown", "--n", "2", "--out", "x.jsonl", "colour=red"], ["colour"]),
     (["data", "score", "--task", "countdown", "--in", "missing.jsonl"], ["missing.jsonl"]),
+    (["distill", "--task", "countdown", "--teacher", "solver", "--n", "2", "--out", "x.jsonl",
+      "--stated-budgets", "16,x"], ["--stated-budgets", "16,32,64"]),
+    (["distill", "--task", "multiply", "--teacher", "solver", "--n", "2", "--out", "x.jsonl",
+      "--stated-budgets", "16"], ["multiply", "countdown"]),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, words):
     r = run(*args, cwd=tmp_path)

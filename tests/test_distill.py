@@ -104,6 +104,29 @@ def test_solver_teacher_writes_correct_traces(tmp_path):
         assert max(_ids(out).values()) == 1
 
 
+def test_solver_teacher_writes_traces_under_stated_budgets(tmp_path):
+    out = tmp_path / "stated.jsonl"
+    distill("countdown", "solver", 40, out, seed=3, stated_budgets=[16, 128])
+    lines = read_jsonl(out)
+    task = get_task("countdown")
+    assert {r["budget"] for r in lines} == {16, 128}
+    for r in lines:
+        p = Problem.from_dict(r["problem"])
+        assert len(r["thinking"]) <= r["budget"] and r["thinking_chars"] == len(r["thinking"])
+        full = task.solve(p).thinking
+        assert full.startswith(r["thinking"])  # the solver's own trace, cut
+        if r["thinking"] == full or "==" in r["thinking"]:  # it reached the hit: the solution
+            assert r["correct"]
+        elif "<" in r["thinking"] or ">" in r["thinking"]:  # else the last attempt checked, a miss
+            assert not r["correct"]
+    assert [r["budget"] for r in lines] == [r["budget"] for r in read_jsonl(
+        distill("countdown", "solver", 40, tmp_path / "again.jsonl", seed=3, stated_budgets=[16, 128])["out"])]
+    with pytest.raises(UserError, match="--teacher solver"):
+        distill("countdown", "model:x", 4, tmp_path / "m.jsonl", stated_budgets=[16])
+    with pytest.raises(UserError, match="countdown"):
+        distill("multiply", "solver", 4, tmp_path / "x.jsonl", stated_budgets=[16])
+
+
 def test_resume_after_a_crash_redoes_the_half_written_line(tmp_path):
     out = tmp_path / "traces.jsonl"
     distill("countdown", "solver", 20, out, seed=1)

@@ -71,6 +71,10 @@ def test_s1_format_rendering(tok):
     prompt, target = sft.render(r, get_format("s1"), tok, chat_template=False)
     assert prompt == "Q?\n<|im_start|>think\n"
     assert target == "hmm\n<|im_start|>answer\nAnswer: 42" + tok.eos_token
+    # a trace written under a stated budget states it in the prompt, in each format's words
+    stated = {**r, "budget": 64}
+    assert sft.render(stated, get_format("s1"), tok, False)[0] == "Q?\nThink for at most 64 tokens.\n<|im_start|>think\n"
+    assert sft.render(stated, get_format("tinyzero"), tok, False)[0] == "Q?\n[budget 64]<think>"
 
 
 # --- the loss: hand-computed reference, and no example sees another -----------------------------------------

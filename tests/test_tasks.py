@@ -87,6 +87,29 @@ def test_countdown_trace_example_reads_like_search():
     assert trace.answer == "<answer>(3*5)+7</answer>"
 
 
+
+def test_countdown_trace_cut_to_a_budget():
+    # the trace above, 107 characters: line 1 is 34, lines 1-2 are 68, lines 1-3 (up to the hit's check) are 87
+    p = COUNTDOWN.make([3, 5, 7], 22)
+    full = COUNTDOWN.solve(p)
+    cases = {  # budget: (thinking, answer); the thinking is always the first B characters
+        3: ("3+5", "(3+5)+7"),  # no attempt checked yet: the first attempt
+        16: ("3+5=8 8+7=15<22 ", "(3+5)+7"),  # the last attempt checked
+        14: ("3+5=8 8+7=15<2", "(3+5)+7"),  # `=15<2` is not a whole check: still the first attempt
+        29: ("3+5=8 8+7=15<22 8-7=1<22 8*7=", "(3+5)-7"),  # the second attempt's check is the last whole one
+        86: (full.thinking[:86], "(5-3)*7"),  # one character short of the hit's check: attempt 6 of line 2
+        87: (full.thinking[:87], "(3*5)+7"),  # the hit's check whole: the solution
+        106: (full.thinking[:106], "(3*5)+7"),
+        107: (full.thinking, "(3*5)+7"),  # the whole trace fits: unchanged
+    }
+    for budget, (thinking, answer) in cases.items():
+        trace = COUNTDOWN.solve(p, budget=budget)
+        assert (trace.thinking, trace.answer) == (thinking, f"<answer>{answer}</answer>"), budget
+    for p in Countdown(num_numbers=4).generate(5, seed=2):  # deeper searches: the cut answer is well formed
+        trace = Countdown(num_numbers=4).solve(p, budget=40)
+        assert trace.thinking == Countdown(num_numbers=4).solve(p).thinking[:40]
+        assert COUNTDOWN.score(p, trace.answer).formatted
+
 def test_countdown_four_numbers_traces():
     task = Countdown(num_numbers=4)
     for p in task.generate(15, seed=1):

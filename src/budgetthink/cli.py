@@ -184,17 +184,22 @@ def distill(task: TaskOpt, teacher: Annotated[str, typer.Option(help="solver, mo
             format: Format = "tinyzero",
             max_thinking_tokens: MaxThink = None, min_thinking_tokens: MinThink = 0, extensions: Extensions = 0,
             extension_string: ExtString = "Wait", answer_prefix: AnsPrefix = "", max_answer_tokens: MaxAnswer = 64,
+            stated_budgets: Annotated[str | None, typer.Option(
+                help="Solver teacher: write each trace under a thinking budget drawn from this list (e.g. "
+                     "16,32,64,128); sft states it in the prompt.")] = None,
             options: TaskOptions = None):
     """Reasoning traces from a teacher (the task's solver, a local model, or any OpenAI-compatible API)."""
     from budgetthink.data.distill import distill as run
     from budgetthink.engine import Sampling
+    from budgetthink.evaluate import parse_ints
 
     budget = _budget(max_thinking_tokens, min_thinking_tokens, extensions, extension_string, answer_prefix,
                      max_answer_tokens)
     _print_json(run(task, teacher, n, out, seed=seed, budget=budget,
                     sampling=Sampling(temperature=temperature, max_tokens=max_tokens), model_name=model_name,
                     concurrency=concurrency, api_key_env=api_key_env, price_in=price_in, price_out=price_out,
-                    fmt=format, task_options=_options(options), problems_path=problems))
+                    fmt=format, task_options=_options(options), problems_path=problems,
+                    stated_budgets=parse_ints(stated_budgets, "--stated-budgets") or None))
 
 
 @app.command()
@@ -207,6 +212,8 @@ def curate(inp: Annotated[Path, typer.Option("--in", help="Traces JSONL (from di
            clusters: Annotated[int | None, typer.Option(help="Cluster into K domains (TF-IDF + k-means).")] = None,
            decontaminate: Annotated[list[Path] | None, typer.Option(help="Evaluation file to decontaminate against (repeatable).")] = None,
            keep_field: Annotated[str | None, typer.Option(help="Record field marking problems to always keep.")] = None,
+           prefer_long: Annotated[bool, typer.Option(help="s1: favour longer traces within a domain; "
+                                                     "--no-prefer-long draws uniformly.")] = True,
            format: Format = "tinyzero"):
     """s1K-style selection: quality, difficulty, diversity, decontamination; writes funnel.json and a PNG."""
     from budgetthink.data.curate import curate as run
@@ -214,7 +221,7 @@ def curate(inp: Annotated[Path, typer.Option("--in", help="Traces JSONL (from di
     models = [m for m in (difficulty_models or "").split(",") if m]
     _print_json(run(inp, n, out, seed=seed, require_correct=require_correct, max_chars=max_chars,
                     difficulty_models=models, domain_field=domain_field, clusters=clusters,
-                    decontaminate=decontaminate or [], keep_field=keep_field, fmt=format))
+                    decontaminate=decontaminate or [], keep_field=keep_field, prefer_long=prefer_long, fmt=format))
 
 
 @app.command("eval")

@@ -1,6 +1,7 @@
 """Reasoning traces from a teacher, one JSONL line per problem: the raw pool that `curate` filters.
 
     budgetthink distill --task countdown --teacher solver --n 1000 --out traces.jsonl
+    budgetthink distill --task countdown --teacher solver --n 1000 --stated-budgets 16,32,64,128 --out stated.jsonl
     budgetthink distill --task countdown --teacher model:runs/tiny --n 200 --out traces.jsonl --max-thinking-tokens 128
     budgetthink distill --task math --problems problems.jsonl --teacher openai:https://api.example.com/v1 \
         --model-name some-reasoner --concurrency 16 --price-in 0.55 --price-out 2.19 --out traces.jsonl
@@ -20,6 +21,12 @@ A teacher SPEC is one of three forms:
   `budgetthink serve` reads (max_thinking_tokens, min_thinking_tokens, thinking_extensions, extension_string,
   answer_prefix); other servers may ignore or refuse them, so none is sent without an active budget.
 
+With `stated_budgets` the solver writes each trace under a thinking budget B drawn from the list (Countdown:
+the search's first B characters, the tiny tokenizer's tokens, then the solution if the cut trace checked it,
+else the last attempt it checked; see tasks/countdown.py `search`), and the line carries `budget`, which `sft`
+states in the prompt. Such data teaches a model what a stated budget means before budget-aware RL; without
+it the tiny model reads the budget phrase as noise (issue 13).
+
 Each line: id, task, problem (the Problem dict), thinking, answer, teacher, model, reward, correct (the task's
 score of the answer), thinking_tokens (the engine's count of sampled thinking tokens, the server's reported
 reasoning tokens, or a count with `tokenizer`; None when nothing can count them), thinking_chars, usage
@@ -35,6 +42,7 @@ lines so that those problems are asked again. Requests that still fail after all
 
 import asyncio
 import email.utils
+import inspect
 import math
 import os
 import random
@@ -154,20 +162,26 @@ def _bar(total: int, desc: str):
 
 
 # ---- teacher: the task's solver -------------------------------------------------------------------------
-def _run_solver(task, todo, out, teacher, count, stats, chunk: int = 64):
-    """Solves are instant, so results are written `chunk` at a time (one fsync per chunk)."""
+def _run_solver(task, todo, out, teacher, count, stats, stated_budgets=None, seed=0, chunk: int = 64):
+    """Solves are instant, so results are written `chunk` at a time (one fsync per chunk). With
+    `stated_budgets` each problem draws one of them (uniformly, seeded by the run's seed and the problem's id)
+    and the solver writes the trace it would under that budget; the line records it as `budget`."""
     with _bar(len(todo), "solver") as bar:
         for start in range(0, len(todo), chunk):
             records = []
             for p in todo[start:start + chunk]:
                 t0 = time.perf_counter()
-                trace = task.solve(p)
+                if stated_budgets:
+                    b = random.Random(f"distill-budget:{seed}:{p.id}").choice(stated_budgets)
+                    trace, extra = task.solve(p, budget=b), {"budget": b}
+                else:
+                    trace, extra = task.solve(p), {}
                 secs = time.perf_counter() - t0
                 if trace is None:
-                    records.append(_error_record(p, teacher, "the solver found no solution", seconds=secs))
+                    records.append(_error_record(p, teacher, "the solver found no solution", seconds=secs, **extra))
                 else:
                     records.append(_record(task, p, teacher, trace.thinking, trace.answer,
-                                           thinking_tokens=count(trace.thinking), seconds=secs))
+                                           thinking_tokens=count(trace.thinking), seconds=secs, **extra))
             append_jsonl(out, records)
             stats["written"] += len(records)
             stats["errors"] += sum(r["error"] is not None for r in records)
@@ -344,15 +358,24 @@ def _distill(task: str, teacher: str, n: int | None, out: str | Path, seed: int 
             api_key_env: str = "OPENAI_API_KEY", price_in: float | None = None, price_out: float | None = None,
             fmt: str = "tinyzero", task_options: dict | None = None, problems_path: str | Path | None = None,
             engine: str = "torch", tokenizer=None, retries: int = 8, backoff: float = 1.0,
-            max_backoff: float = 60.0, request_timeout: float = 600.0, retry_errors: bool = False) -> dict:
+            max_backoff: float = 60.0, request_timeout: float = 600.0, retry_errors: bool = False,
+            stated_budgets: list[int] | None = None) -> dict:
     """Write a teacher's trace for each problem not yet in `out`; returns a summary of the run.
 
     task/task_options: which problems (and how they are scored); n, seed: how many, generated with this seed
     (or the first n of problems_path). teacher: a SPEC (see the module docstring). budget, sampling: budget
     forcing and sampling for model: and openai: teachers. concurrency: requests in flight (openai:) or the
     batch size (model:). tokenizer: a tokenizer (or its directory) to count thinking tokens where the teacher
-    reports none. retries/backoff/max_backoff/request_timeout: the openai: retry loop (seconds)."""
+    reports none. retries/backoff/max_backoff/request_timeout: the openai: retry loop (seconds).
+    stated_budgets: solver teacher only: traces written under a thinking budget drawn from this list (see
+    `_run_solver`), for budget-aware training."""
     kind, arg = parse_teacher(teacher)
+    if stated_budgets:
+        if kind != "solver":
+            raise UserError("--stated-budgets needs --teacher solver (a model teacher is told a budget through "
+                            "--max-thinking-tokens instead)")
+        if any(b < 1 for b in stated_budgets):
+            raise UserError(f"--stated-budgets must be positive token counts, e.g. 16,32,64,128; got {stated_budgets}")
     if kind == "openai" and not model_name:
         raise UserError(f"teacher {teacher!r} needs --model-name (the model the endpoint serves)")
     if concurrency < 1:
@@ -364,6 +387,8 @@ def _distill(task: str, teacher: str, n: int | None, out: str | Path, seed: int 
     sampling = sampling or Sampling()
     think_fmt = get_format(fmt)
     task_obj = get_task(task, **(task_options or {}))
+    if stated_budgets and "budget" not in inspect.signature(task_obj.solve).parameters:
+        raise UserError(f"the {task} solver cannot write a trace under a budget; --stated-budgets works with countdown")
     problems = load_problems(task_obj, n, seed, problems_path)
     out = Path(out)
 
@@ -384,7 +409,7 @@ def _distill(task: str, teacher: str, n: int | None, out: str | Path, seed: int 
     count = _Counter(tokenizer)
     if todo:
         if kind == "solver":
-            _run_solver(task_obj, todo, out, teacher, count, stats)
+            _run_solver(task_obj, todo, out, teacher, count, stats, stated_budgets, seed)
         elif kind == "model":
             _run_model(task_obj, todo, out, teacher, arg, think_fmt, sampling, budget, concurrency, engine,
                        price_in, price_out, count, stats)

@@ -63,6 +63,8 @@ COMPACT_TEMPLATE = "{spaced} -> {target}\n"  # "3 5 7 -> 22\n": short, for a cha
 
 MAX_NUMBERS = 5  # the exhaustive search (and its trace) grows too fast beyond this
 _ALLOWED = frozenset("0123456789+-*/() \t\n\r\f\v")
+CHECK = re.compile(r"=\d+(?:<|>|==)\d+")  # a final attempt's check in a trace: `=15<22`
+HIT = re.compile(r"=(\d+)==\1\b")  # a check that hit the target: `=22==22`
 
 
 def last_answer(text: str) -> str | None:
@@ -158,9 +160,16 @@ def relation(value: int, target: int) -> str:
     return "<" if value < target else ">" if value > target else "=="
 
 
-def search(numbers: list[int], target: int) -> tuple[str, str] | None:
-    """(thinking, expression) of the first solution in the fixed search order, or None."""
+def search(numbers: list[int], target: int, budget: int | None = None) -> tuple[str, str] | None:
+    """(thinking, expression) of the first solution in the fixed search order, or None.
+
+    With a thinking `budget` (characters, which are the tiny tokenizer's tokens) the trace is the one a solver
+    told "at most B" writes: its first B characters (where budget forcing would cut it), then the answer: the
+    solution if the cut trace holds its whole check (`=22==22`), else the last attempt it checked in full (the
+    first attempt if none). A budget the whole trace fits in changes nothing.
+    """
     lines: list[str] = []
+    attempts: list[object] = []  # the expression node of every final attempt, in the trace's order
 
     def go(state: list[tuple[int, object]], depth: int) -> object | None:
         # state: [(value, node)]; returns the solved node or None
@@ -188,6 +197,7 @@ def search(numbers: list[int], target: int) -> tuple[str, str] | None:
             a, b = ((yv, yn), (xv, xn)) if swapped else ((xv, xn), (yv, yn))
             hit = v == target
             parts.append(f"{a[0]}{op}{b[0]}={v}{relation(v, target)}{target}")
+            attempts.append((op, a[1], b[1]))
             if hit:
                 found = (op, a[1], b[1])
                 break
@@ -209,7 +219,13 @@ def search(numbers: list[int], target: int) -> tuple[str, str] | None:
         node = _reduce_once(node)
         steps.append(_render(node))
     lines.append("=".join(steps) + f"=={target}")
-    return "\n".join(lines), _render(solved)
+    thinking = "\n".join(lines)
+    if budget is None or len(thinking) <= budget:
+        return thinking, _render(solved)
+    if any(m.end() <= budget for m in HIT.finditer(thinking)):
+        return thinking[:budget], _render(solved)
+    checked = sum(m.end() <= budget for m in CHECK.finditer(thinking))
+    return thinking[:budget], _render(attempts[max(checked, 1) - 1])
 
 
 class Countdown:
@@ -307,8 +323,9 @@ class Countdown:
         return Score(self.format_reward, False, True, expr)
 
     # ---- the programmatic teacher ----
-    def solve(self, problem: Problem) -> Trace | None:
-        found = search(list(problem.answer["numbers"]), int(problem.answer["target"]))
+    def solve(self, problem: Problem, budget: int | None = None) -> Trace | None:
+        """The solver's trace; with a `budget`, the trace cut to it (see `search`)."""
+        found = search(list(problem.answer["numbers"]), int(problem.answer["target"]), budget)
         if found is None:
             return None
         thinking, expr = found

@@ -10,7 +10,8 @@
 Data: JSONL traces as `distill` / `curate` write them; each line needs `problem` (a Problem dict with its
 `prompt`), `thinking` and `answer` (lines whose `error` is set are skipped and counted). Each is rendered in
 the think format: prompt = fmt.prompt(problem.prompt) (or the tokenizer's chat template then the opening
-delimiter, with `chat_template: true`, as s1 did with Qwen2.5-Instruct), target = fmt.completion(thinking,
+delimiter, with `chat_template: true`, as s1 did with Qwen2.5-Instruct), stating the line's `budget` when it
+has one (a trace written under a thinking budget, as `distill --stated-budgets` writes), target = fmt.completion(thinking,
 answer) + end-of-text. Prompt and target are tokenized separately (as a generation engine sees them) and the
 loss covers the target tokens only: prompt and padding labels are -100.
 
@@ -146,11 +147,11 @@ class Example:
 
 def render(record: dict, fmt, tokenizer, chat_template: bool) -> tuple[str, str]:
     """(prompt text, target text) of a trace line; the target ends in the tokenizer's end-of-text."""
-    prompt = record["problem"]["prompt"]
+    prompt, budget = record["problem"]["prompt"], record.get("budget")  # a trace written under a stated budget
     if chat_template:
-        text = fmt.chat_prompt([{"role": "user", "content": prompt}], tokenizer)
+        text = fmt.chat_prompt([{"role": "user", "content": prompt}], tokenizer, budget=budget)
     else:
-        text = fmt.prompt(prompt)
+        text = fmt.prompt(prompt, budget=budget)
     return text, fmt.completion(record["thinking"], record["answer"]) + tokenizer.eos_token
 
 
