@@ -6,7 +6,7 @@
 2. distill: the Countdown solver's traces for `--pool` training-split problems
 3. curate:  1,000 of them, s1-style (quality, correct answers, diversity over solution shapes) with
             budgetthink.data.curate, drawn uniformly within each solution shape (`prefer_long=False`): s1's
-            preference for long traces selects late hits here, and cost 11.5 points (see curate.py)
+            preference for long traces selects late hits here, and cost 8 points at 30 epochs (see curate.py)
 4. sft:     budgetthink sft with recipes/tiny-s1-sft.yaml (extra key=value overrides from the command line)
 5. eval:    greedy accuracy on `--eval-n` held-out problems (test split, a seed no training stage uses),
             for the base and the fine-tuned model, unbudgeted and under budget forcing at each maximum

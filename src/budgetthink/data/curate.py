@@ -35,10 +35,11 @@ Stages, each optional, each counted in `funnel.json` beside `out` (as s1 reports
    not what makes a problem hard it only skews the selection: the Countdown solver's trace is as long as the
    hit is late in its fixed search order, so favouring length taught the tiny model that hits come late (37%
    of the selected traces hit at line 7 or later, 23% of held-out problems). Fine-tuned 30 epochs, it missed
-   early hits and reached 27.0% on held-out problems; the same pipeline with uniform draws reached 38.5%
-   (benchmarks/bench_distill_tiny.py). `domain_draw="s1"` picks each domain independently and uniformly, exactly as the paper;
-   the default `"rounds"` visits the domains in a fresh random order each round, one draw per domain, so each
-   is picked equally often and every domain is represented once n reaches the number of domains.
+   early hits and reached 27.0% on held-out problems; the same pipeline with uniform draws reached 35.0%
+   (benchmarks/bench_distill_tiny.py). `domain_draw="s1"` picks each domain independently and uniformly,
+   exactly as the paper; the default `"rounds"` visits the domains in a fresh random order each round, one
+   draw per domain, so each is picked equally often and every domain is represented once n reaches the number
+   of domains.
 
 Trace length is `thinking_tokens` when every trace in the pool has it, else the thinking's characters; the
 unit is written in the funnel. Everything is deterministic for a seed. A PNG beside `out` shows the domain
