@@ -2,16 +2,15 @@
 (a) plain RL + budget forcing and (b) budget-aware training with the budget stated; writes
 benchmarks/results/bench_budget_rl.{json,png}.
 
-    python benchmarks/bench_budget_rl.py [--start DIR] [--sft-data F] [--minutes 10] [--n 200] \\
+    python benchmarks/bench_budget_rl.py [--start DIR] [--minutes 10] [--n 200] \\
         [--budgets 16,32,64,128] [--work DIR] [key=value ...]
 
 Both arms start from the same fine-tuned model, --start (default: the one benchmarks/bench_distill_tiny.py
 leaves in runs/bench-distill-tiny/sft/model), and train for the same wall time, --minutes:
 (a) the plain GRPO recipe (recipes/tiny-countdown-grpo.yaml) for all of it;
-(b) first a short SFT that tells the model what a stated budget means: --sft-data (the traces --start was
-    fine-tuned on, so that it keeps its search) plus 2,000 solver traces written under a budget stated in their
-    prompt (`distill --stated-budgets`, the curriculum's budgets, fresh training problems), 3 epochs; then
-    budget-aware GRPO (recipes/tiny-countdown-budget.yaml) for the rest of the time.
+(b) first a short SFT that tells the model what a stated budget means: 2,000 solver traces written under a
+    budget stated in their prompt (`distill --stated-budgets`, the curriculum's budgets, fresh training
+    problems), 6 epochs; then budget-aware GRPO (recipes/tiny-countdown-budget.yaml) for the rest of the time.
 Both RL runs evaluate only at their start and end (eval_every is raised) so that neither spends its time on
 evaluations. Extra key=value overrides apply to both RL runs (budget_curriculum.* to (b) only). Then
 `evaluate.run` decodes greedily on the same N held-out problems (test split): (a) with method `forced`
@@ -42,7 +41,7 @@ from budgetthink.train import rl
 GRPO, BUDGET = ROOT / "recipes" / "tiny-countdown-grpo.yaml", ROOT / "recipes" / "tiny-countdown-budget.yaml"
 SFT = ROOT / "recipes" / "tiny-s1-sft.yaml"
 DISTILLED = ROOT / "runs" / "bench-distill-tiny"  # bench_distill_tiny.py's work directory
-WARMUP = ["epochs=3", "lr=5e-4", "save_every=100000"]  # the budget SFT: about 4 minutes on 2 cores
+WARMUP = ["epochs=6", "lr=5e-4", "save_every=100000"]  # the budget SFT: about 4.5 minutes on 2 cores
 
 
 def train(recipe: Path, model: Path, out: Path, minutes: float, overrides: list[str]) -> dict:
@@ -56,19 +55,23 @@ def train(recipe: Path, model: Path, out: Path, minutes: float, overrides: list[
     return {"recipe": str(recipe.relative_to(ROOT)), "from": shown(model), "minutes": round(minutes, 2),
             "steps": len(records), "wall_s": round(time.perf_counter() - t, 1) if not done else None,
             "train_s": round(sum(r["step_s"] for r in records), 1), "model": shown(out / "model"),
-            "last_metrics": {k: v for k, v in records[-1].items() if not k.endswith("_s")} if records else {}}
+            "last_metrics": {k: v for k, v in records[-1].items() if not k.endswith("_s")} if records else {},
+            "held_out": [{k: r.get(k) for k in ("step", "budget", "accuracy", "thinking_mean", "budget_error",
+                                                "response_len_mean", "truncated")}
+                         for r in read_jsonl(out / "eval.jsonl")]}  # the run's own evaluations, first and last
 
 
-def warmup(start: Path, sft_data: Path, budgets: list[int], work: Path) -> dict:
-    """(b)'s first stage: SFT from `start` on its own traces plus 2,000 traces written under a stated budget."""
+def warmup(start: Path, budgets: list[int], work: Path) -> dict:
+    """(b)'s first stage: SFT from `start` on 2,000 solver traces written under a stated budget. Mixing in the
+    unstated traces `start` learned from (1,000, 3 epochs) taught the phrase but not the stopping: told B = 16,
+    that model thought 70 tokens (bench_budget_rl_mixed_warmup.json)."""
     from budgetthink.data.distill import distill
     from budgetthink.train import sft
 
-    stated, mixed, out = work / "stated.jsonl", work / "warmup.jsonl", work / "b-warmup"
+    stated, out = work / "stated.jsonl", work / "b-warmup"
     distill("countdown", "solver", 2000, stated, seed=7, stated_budgets=budgets,
             task_options={"template": "compact", "split": "train"})
-    mixed.write_text(sft_data.read_text() + stated.read_text())
-    cfg = load_config(sft.SFTConfig, SFT, WARMUP, defaults={"model": str(start), "data": str(mixed)})
+    cfg = load_config(sft.SFTConfig, SFT, WARMUP, defaults={"model": str(start), "data": str(stated)})
     summary = (json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists()
                else sft.train(cfg, out, resume=sft.latest_checkpoint(out) is not None))
     return {"recipe": str(SFT.relative_to(ROOT)), "overrides": WARMUP, "from": shown(start),
@@ -79,7 +82,6 @@ def warmup(start: Path, sft_data: Path, budgets: list[int], work: Path) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--start", type=Path, default=DISTILLED / "sft" / "model", help="fine-tuned model both arms start from")
-    ap.add_argument("--sft-data", type=Path, default=DISTILLED / "selected.jsonl", help="traces --start was fine-tuned on")
     ap.add_argument("--minutes", type=float, default=10.0, help="training wall time of each arm")
     ap.add_argument("--n", type=int, default=200, help="held-out problems")
     ap.add_argument("--seed", type=int, default=4242, help="seed of the held-out problems")
@@ -94,12 +96,11 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    for path, what in ((args.start / "config.json", "--start"), (args.sft_data, "--sft-data")):
-        if not path.exists():
-            ap.error(f"{what}: {path} not found; run benchmarks/bench_distill_tiny.py first or pass {what}")
+    if not (args.start / "config.json").exists():
+        ap.error(f"--start: {args.start} not found; run benchmarks/bench_distill_tiny.py first or pass --start")
     shared = [f"device={args.device}", *(o for o in args.overrides if not o.startswith("budget_curriculum"))]
     runs = {"a": train(GRPO, args.start, work / "a-plain", args.minutes, ["seed=1", *shared])}
-    runs["b_warmup"] = warmup(args.start, args.sft_data, budgets, work)
+    runs["b_warmup"] = warmup(args.start, budgets, work)
     runs["b"] = train(BUDGET, ROOT / runs["b_warmup"]["model"], work / "b-budget",
                       args.minutes - runs["b_warmup"]["wall_s"] / 60, [f"device={args.device}", *args.overrides])
 
@@ -130,7 +131,7 @@ def main():
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cores": os.cpu_count(),
                           "torch_threads": __import__("torch").get_num_threads()},
               "settings": {"minutes": args.minutes, "n": args.n, "seed": args.seed, "budgets": budgets,
-                           "start": shown(args.start), "sft_data": shown(args.sft_data), "overrides": args.overrides},
+                           "start": shown(args.start), "overrides": args.overrides},
               "runs": runs, "arms": arms, "targets": targets, "wall_s": round(time.perf_counter() - t0, 1)}
     atomic_write_json(args.out, result)
     plot(arms, budgets, args.out.with_suffix(".png"))
