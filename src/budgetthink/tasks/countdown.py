@@ -64,7 +64,6 @@ COMPACT_TEMPLATE = "{spaced} -> {target}\n"  # "3 5 7 -> 22\n": short, for a cha
 MAX_NUMBERS = 5  # the exhaustive search (and its trace) grows too fast beyond this
 _ALLOWED = frozenset("0123456789+-*/() \t\n\r\f\v")
 CHECK = re.compile(r"=\d+(?:<|>|==)\d+")  # a final attempt's check in a trace: `=15<22`
-HIT = re.compile(r"=(\d+)==\1\b")  # a check that hit the target: `=22==22`
 
 
 def last_answer(text: str) -> str | None:
@@ -222,9 +221,8 @@ def search(numbers: list[int], target: int, budget: int | None = None) -> tuple[
     thinking = "\n".join(lines)
     if budget is None or len(thinking) <= budget:
         return thinking, _render(solved)
-    if any(m.end() <= budget for m in HIT.finditer(thinking)):
-        return thinking[:budget], _render(solved)
-    checked = sum(m.end() <= budget for m in CHECK.finditer(thinking))
+    # the search stops at its hit, so the solution is the last attempt (and the re-check's `==` adds none)
+    checked = min(len(attempts), sum(m.end() <= budget for m in CHECK.finditer(thinking)))
     return thinking[:budget], _render(attempts[max(checked, 1) - 1])
 
 
