@@ -17,8 +17,11 @@ evaluations. Extra key=value overrides apply to both RL runs (budget_curriculum.
 (budget forcing at B), (b) with `stated` (B in the prompt only, thinking cut at 4B so runs end) and
 `stated+forced`.
 
-Targets (issue 13): (b) stated at least as accurate as (a) at every budget and better at the two smallest;
-(b)'s control error under 15%; (b)'s accuracy non-decreasing in the budget. The JSON says which were met.
+Targets (issue 13): (b) at least as accurate as (a) at every budget and better at the two smallest; (b)'s
+control error under 15%; (b)'s accuracy non-decreasing in the budget. The JSON says which were met, for (b)
+with the budget stated only and for (b) with it stated and forced. The first is the strict reading (the model
+controls its own length); in the second, forcing caps the length, so only the undershoot counts in the control
+error, and the accuracy is compared with (a) at nearly the same thinking lengths.
 """
 
 import argparse
@@ -121,13 +124,13 @@ def main():
 
     arms = {"a: plain RL + forcing": arm(ev_a, "forced"), "b: budget RL, stated": arm(ev_b, "stated"),
             "b: budget RL, stated+forced": arm(ev_b, "stated+forced")}
-    a, b = arms["a: plain RL + forcing"], arms["b: budget RL, stated"]
-    targets = {
+    a = arms["a: plain RL + forcing"]
+    targets = {name: {  # issue 13's targets, read once for (b) stated only and once for stated and forced
         "b_at_least_a_every_budget": all(y >= x for x, y in zip(a["accuracy"], b["accuracy"])),
         "b_better_at_two_smallest": all(y > x for x, y in zip(a["accuracy"][:2], b["accuracy"][:2])),
         "b_control_error_under_15pct": b["control_error"] is not None and b["control_error"] < 0.15,
         "b_monotone_in_budget": all(y >= x for x, y in zip(b["accuracy"], b["accuracy"][1:])),
-    }
+    } for name, b in arms.items() if name.startswith("b")}
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cores": os.cpu_count(),
                           "torch_threads": __import__("torch").get_num_threads()},
               "settings": {"minutes": args.minutes, "n": args.n, "seed": args.seed, "budgets": budgets,
@@ -139,7 +142,8 @@ def main():
         print(f"{name:<30} accuracy % {' '.join(f'{x:5.1f}' for x in v['accuracy'])}   thinking "
               f"{' '.join(f'{x:5.1f}' for x in v['thinking_tokens'])}   control error "
               f"{v['control_error']:.3f}")
-    print("targets: " + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in targets.items()))
+    for name, t in targets.items():
+        print(f"targets, {name}: " + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in t.items()))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
