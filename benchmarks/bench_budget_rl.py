@@ -10,7 +10,7 @@ leaves in runs/bench-distill-tiny/sft/model), and train for the same wall time, 
 (a) the plain GRPO recipe (recipes/tiny-countdown-grpo.yaml) for all of it;
 (b) first a short SFT that tells the model what a stated budget means: 2,000 solver traces written under a
     budget stated in their prompt (`distill --stated-budgets`, the curriculum's budgets, fresh training
-    problems), 6 epochs; then budget-aware GRPO (recipes/tiny-countdown-budget.yaml) for the rest of the time.
+    problems), 10 epochs; then budget-aware GRPO (recipes/tiny-countdown-budget.yaml) for the rest of the time.
 Both RL runs evaluate only at their start and end (eval_every is raised) so that neither spends its time on
 evaluations. Extra key=value overrides apply to both RL runs (budget_curriculum.* to (b) only). Then
 `evaluate.run` decodes greedily on the same N held-out problems (test split): (a) with method `forced`
@@ -44,7 +44,7 @@ from budgetthink.train import rl
 GRPO, BUDGET = ROOT / "recipes" / "tiny-countdown-grpo.yaml", ROOT / "recipes" / "tiny-countdown-budget.yaml"
 SFT = ROOT / "recipes" / "tiny-s1-sft.yaml"
 DISTILLED = ROOT / "runs" / "bench-distill-tiny"  # bench_distill_tiny.py's work directory
-WARMUP = ["epochs=6", "lr=5e-4", "save_every=100000"]  # the budget SFT: about 4.5 minutes on 2 cores
+WARMUP = ["epochs=10", "lr=5e-4", "save_every=100000"]  # the budget SFT: about 7.5 minutes on 2 cores
 
 
 def train(recipe: Path, model: Path, out: Path, minutes: float, overrides: list[str]) -> dict:
