@@ -8,7 +8,7 @@ benchmarks/results/bench_budget_rl.{json,png}.
 Both arms start from the same fine-tuned model, --start (default: the one benchmarks/bench_distill_tiny.py
 leaves in runs/bench-distill-tiny/sft/model), and train for the same wall time, --minutes:
 (a) the plain GRPO recipe (recipes/tiny-countdown-grpo.yaml) for all of it;
-(b) first a short SFT that tells the model what a stated budget means: 2,000 solver traces written under a
+(b) first an SFT that tells the model what a stated budget means: 2,000 solver traces written under a
     budget stated in their prompt (`distill --stated-budgets`, the curriculum's budgets, fresh training
     problems), 10 epochs; then budget-aware GRPO (recipes/tiny-countdown-budget.yaml) for the rest of the time.
 Both RL runs evaluate only at their start and end (eval_every is raised) so that neither spends its time on
@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from paths import ROOT, shown
 
 sys.path.insert(0, str(ROOT / "src"))
@@ -47,6 +48,13 @@ DISTILLED = ROOT / "runs" / "bench-distill-tiny"  # bench_distill_tiny.py's work
 WARMUP = ["epochs=10", "lr=5e-4", "save_every=100000"]  # the budget SFT: about 7.5 minutes on 2 cores
 
 
+def saved(out: Path, keys: tuple[str, ...]) -> dict:
+    """The settings a finished or resumed run in `out` actually used (its config.yaml), not this call's
+    overrides: a run found in the work directory is reused as it is."""
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    return {k: cfg.get(k) for k in keys}
+
+
 def train(recipe: Path, model: Path, out: Path, minutes: float, overrides: list[str]) -> dict:
     """Train `recipe` from `model` into `out` for `minutes` of wall time; resumed if `out` holds an unfinished
     run, reused if it holds a finished one."""
@@ -56,6 +64,7 @@ def train(recipe: Path, model: Path, out: Path, minutes: float, overrides: list[
     done = (out / "model" / "config.json").exists()
     records = read_jsonl(out / "metrics.jsonl") if done else rl.train(cfg, out, resume=out.exists())
     return {"recipe": str(recipe.relative_to(ROOT)), "from": shown(model), "minutes": round(minutes, 2),
+            "config": saved(out, ("seed", "optim", "budget_curriculum")),
             "steps": len(records), "wall_s": round(time.perf_counter() - t, 1) if not done else None,
             "train_s": round(sum(r["step_s"] for r in records), 1), "model": shown(out / "model"),
             "last_metrics": {k: v for k, v in records[-1].items() if not k.endswith("_s")} if records else {},
@@ -77,7 +86,7 @@ def warmup(start: Path, budgets: list[int], work: Path) -> dict:
     cfg = load_config(sft.SFTConfig, SFT, WARMUP, defaults={"model": str(start), "data": str(stated)})
     summary = (json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists()
                else sft.train(cfg, out, resume=sft.latest_checkpoint(out) is not None))
-    return {"recipe": str(SFT.relative_to(ROOT)), "overrides": WARMUP, "from": shown(start),
+    return {"recipe": str(SFT.relative_to(ROOT)), "config": saved(out, ("epochs", "lr", "seed")), "from": shown(start),
             "examples": summary["examples"], "wall_s": round(summary["wall_s"], 1), "final_loss": summary["final_loss"],
             "model": shown(out / "model")}
 

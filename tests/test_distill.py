@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,15 +111,20 @@ def test_solver_teacher_writes_traces_under_stated_budgets(tmp_path):
     lines = read_jsonl(out)
     task = get_task("countdown")
     assert {r["budget"] for r in lines} == {16, 128}
+    seen = Counter()
     for r in lines:
         p = Problem.from_dict(r["problem"])
         assert len(r["thinking"]) <= r["budget"] and r["thinking_chars"] == len(r["thinking"])
         full = task.solve(p).thinking
         assert full.startswith(r["thinking"])  # the solver's own trace, cut
-        if r["thinking"] == full or "==" in r["thinking"]:  # it reached the hit: the solution
+        t = r["problem"]["answer"]["target"]
+        if re.search(rf"={t}=={t}(?!\d)", r["thinking"]):  # the cut kept the hit's whole check: the solution
             assert r["correct"]
+            seen["hit"] += 1
         elif "<" in r["thinking"] or ">" in r["thinking"]:  # else the last attempt checked, a miss
             assert not r["correct"]
+            seen["miss"] += 1
+    assert seen["hit"] and seen["miss"], seen  # both branches were checked
     assert [r["budget"] for r in lines] == [r["budget"] for r in read_jsonl(
         distill("countdown", "solver", 40, tmp_path / "again.jsonl", seed=3, stated_budgets=[16, 128])["out"])]
     with pytest.raises(UserError, match="--teacher solver"):
