@@ -10,7 +10,8 @@ leaves in runs/bench-distill-tiny/sft/model), and train for the same wall time, 
 (a) the plain GRPO recipe (recipes/tiny-countdown-grpo.yaml) for all of it;
 (b) first an SFT that tells the model what a stated budget means: 10,000 solver traces written under a
     budget stated in their prompt (`distill --stated-budgets`, the curriculum's budgets, fresh training
-    problems), 2 epochs at the SFT recipe's lr; then budget-aware GRPO (recipes/tiny-countdown-budget.yaml) for the rest of the time.
+    problems), 2 epochs at the SFT recipe's lr; then budget-aware GRPO (recipes/tiny-countdown-budget.yaml)
+    for the rest of the time.
 Both RL runs evaluate only at their start and end (eval_every is raised) so that neither spends its time on
 evaluations. Extra key=value overrides apply to both RL runs (budget_curriculum.* to (b) only). Then
 `evaluate.run` decodes greedily on the same N held-out problems (test split): (a) with method `forced`
@@ -45,8 +46,8 @@ from budgetthink.train import rl
 GRPO, BUDGET = ROOT / "recipes" / "tiny-countdown-grpo.yaml", ROOT / "recipes" / "tiny-countdown-budget.yaml"
 SFT = ROOT / "recipes" / "tiny-s1-sft.yaml"
 DISTILLED = ROOT / "runs" / "bench-distill-tiny"  # bench_distill_tiny.py's work directory
-WARMUP = ["epochs=2", "save_every=100000"]  # the budget SFT: about 7.7 minutes on 2 cores
-WARMUP_TRACES = 10_000  # distinct problems beat repeats: 2,000 x 10 epochs at lr 5e-4 left control error 0.28
+WARMUP = ["epochs=2", "save_every=100000"]  # the budget SFT at the recipe's lr 1e-3: 7.8 minutes on 2 cores
+WARMUP_TRACES = 10_000  # one distinct problem each; 2,000 x 10 epochs (the same tokens) read the budget worse
 
 
 def saved(out: Path, keys: tuple[str, ...]) -> dict:
@@ -75,9 +76,9 @@ def train(recipe: Path, model: Path, out: Path, minutes: float, overrides: list[
 
 
 def warmup(start: Path, budgets: list[int], work: Path) -> dict:
-    """(b)'s first stage: SFT from `start` on WARMUP_TRACES solver traces written under a stated budget. Mixing in the
-    unstated traces `start` learned from (1,000, 3 epochs) taught the phrase but not the stopping: told B = 16,
-    that model thought 70 tokens (bench_budget_rl_mixed_warmup.json)."""
+    """(b)'s first stage: SFT from `start` on WARMUP_TRACES solver traces written under a stated budget.
+    Mixing in the unstated traces `start` learned from (1,000, 3 epochs) taught the phrase but not the stopping:
+    told B = 16, that model thought 70 tokens (bench_budget_rl_mixed_warmup.json)."""
     from budgetthink.data.distill import distill
     from budgetthink.train import sft
 

@@ -12,8 +12,8 @@ Data: JSONL traces as `distill` / `curate` write them; each line needs `problem`
 the think format: prompt = fmt.prompt(problem.prompt) (or the tokenizer's chat template then the opening
 delimiter, with `chat_template: true`, as s1 did with Qwen2.5-Instruct), stating the line's `budget` when it
 has one (a trace written under a thinking budget, as `distill --stated-budgets` writes); target =
-fmt.completion(thinking, answer) + end-of-text. Prompt and target are tokenized separately (as a generation engine sees them) and the
-loss covers the target tokens only: prompt and padding labels are -100.
+fmt.completion(thinking, answer) + end-of-text. Prompt and target are tokenized separately (as a generation
+engine sees them) and the loss covers the target tokens only: prompt and padding labels are -100.
 
 Batches: `batch_size` examples per optimizer step in total over all processes, a fixed plan per seed: each
 epoch a fresh permutation, cut into windows of 16 batches whose examples are sorted by length before being cut
