@@ -7,6 +7,7 @@ the text) that varies within groups, so that advantages, losses and gradients ar
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -406,3 +407,74 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_model_dir, tmp_p
     assert strip(resumed) == strip(records)
     evals = lambda d: [json.loads(x) for x in (d / "eval.jsonl").read_text().splitlines()]
     assert evals(killed) == evals(tmp_path / "whole")
+
+
+# --- does it learn at all, and on what data ----------------------------------------------------------------------
+def test_a_trivially_learnable_reward_rises(tiny_model_dir, tmp_path):
+    """The loop optimises: rewarded for writing the character `7`, the share of completions holding one rises
+    by at least 0.25 within 30 steps (measured: ~0.3 -> ~0.9; a broken sign or a zero gradient stays flat)."""
+
+    def sevens(self, problem, completion):
+        hit = "7" in completion
+        return Score(float(hit), hit, True, None)
+
+    real = score_with(sevens)
+    try:
+        records = rl.train(config(tiny_model_dir, "max_steps=30", "prompts_per_step=4", "n=8",
+                                  "max_response_tokens=8", "train_size=200", "optim.lr=3e-3"), tmp_path)
+    finally:
+        rl._data = real
+    first, last = records[:5], records[-5:]
+    before = sum(r["accuracy"] for r in first) / 5
+    after = sum(r["accuracy"] for r in last) / 5
+    assert after >= before + 0.25, (before, after)
+
+
+def test_rl_problems_are_disjoint_from_pretraining_and_held_out(tiny_model_dir):
+    """RL trains on the `train` split, evaluates on `test`, and the tiny base was pretrained on `pretrain`:
+    no training problem was seen in pretraining, none is held out."""
+    from budgetthink import tiny
+    from budgetthink.tasks import get_task
+
+    cfg = config(tiny_model_dir, "train_size=2000", "eval_size=300")
+    _, train, held = rl._data(cfg)
+    pre = get_task("countdown", split="pretrain", **tiny.COUNTDOWN).generate(
+        tiny.SCHEDULES["small"].train_problems, seed=0)
+    keys = lambda ps: {(tuple(p.answer["numbers"]), p.answer["target"]) for p in ps}
+    assert len(keys(train)) == 2000 and len(keys(held)) == 300
+    assert not keys(train) & keys(pre)
+    assert not keys(train) & keys(held)
+    assert not keys(held) & keys(pre)
+
+
+def test_dynamic_sampling_keeps_groups_with_mixed_accuracy_and_refills(tiny_model_dir, tmp_path):
+    """DAPO's filter reads correctness, not the shaped reward: groups that differ only in reward (format
+    credit) but are all wrong are dropped, and further prompts are sampled until the batch is full."""
+
+    coin = random.Random(0)
+
+    def graded(self, problem, completion):  # the reward varies everywhere; correctness only on even targets
+        correct = problem.answer["target"] % 2 == 0 and coin.random() < 0.5
+        return Score(1.0 if correct else 0.1 * coin.randrange(3), correct, True, "x")
+
+    real = score_with(graded)
+    try:
+        records = rl.train(config(tiny_model_dir, "max_steps=2", "dynamic_sampling=true", "max_refills=6",
+                                  "prompts_per_step=3", "n=4"), tmp_path)
+    finally:
+        rl._data = real
+    for r in records:
+        assert r["groups_trained"] == 3  # refilled to a full batch
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["groups_trained"] == 3 for r in rows)
+
+
+def test_eval_uses_the_context_not_the_rollout_cap_and_reports_mean_at_k(tiny_model_dir, tmp_path, digit_scored):
+    cfg = config(tiny_model_dir, "max_steps=1", "eval_every=1", "eval_size=3", "max_response_tokens=4",
+                 "eval_samples=2", "eval_max_tokens=30")
+    rl.train(cfg, tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 1]
+    assert max(x["response_len_mean"] for x in lines) > 4  # the rollout cap (4) did not apply
+    for x in lines:
+        assert 0 <= x["mean@2"] <= x["pass@2"] <= 1

@@ -151,7 +151,7 @@ class Schedule(BaseModel):
     grad_clip: float = Field(1.0, description="clip the global gradient norm to this")
     dtype: str = Field("auto", description="float32, bfloat16 (autocast), or auto: bfloat16 where the CPU has AMX")
     max_len: int = Field(640, description="documents are cut to this many tokens")
-    train_problems: int = Field(8000, description="distinct Countdown problems (train split) the attempts use")
+    train_problems: int = Field(7000, description="distinct Countdown problems (pretrain split) the attempts use")
     give_up: list[float] = Field([0.3, 0.3, 0.75], description="chance of giving up before search line k+1 (k = 1, 2, "
                                  "...) when the target is not found yet; the last value repeats")
     wait_share: float = Field(0.05, description="share of give-up points written as 'Wait' and searching on")
@@ -172,7 +172,7 @@ FORMAT = "tinyzero"
 EXTENSION = "Wait"  # what budget forcing appends by default (engine.Budget.extension_string)
 TARGET = {"format_rate_min": 0.5, "accuracy_min": 0.02, "accuracy_max": 0.4}  # for the `small` base
 EVAL_SEED_OFFSET = 1_000_003  # held-out problems: test split and a seed no training run uses
-RECIPE_VERSION = 5  # bump when the corpus or the training loop changes, so cached builds are redone
+RECIPE_VERSION = 6  # bump when the corpus or the training loop changes, so cached builds are redone
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def build_corpus(seed: int, s: Schedule) -> tuple[list[str], dict]:
     from budgetthink.tasks import get_task
 
     fmt = get_format(FORMAT)
-    task = get_task("countdown", split="train", **COUNTDOWN)
+    task = get_task("countdown", split="pretrain", **COUNTDOWN)
     problems = task.generate(s.train_problems, seed=seed)
     traces = [task.solve(p) for p in problems]
     rng = random.Random(f"tiny-corpus:{seed}")

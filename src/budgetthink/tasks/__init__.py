@@ -59,23 +59,27 @@ class Task(Protocol):
     def solve(self, problem: Problem) -> Trace | None: ...
 
 
-SPLITS = ("all", "train", "test")
+SPLITS = ("all", "pretrain", "train", "test")
 
 
 def check_split(split: str) -> str:
     if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; use all, train or test")
+        raise UserError(f"unknown split {split!r}; use one of: {', '.join(SPLITS)}")
     return split
 
 
+def split_of(key) -> str:
+    """The split a generated problem (identified by `key`) belongs to, by a stable hash: one in ten is `test`
+    (held out), half is `pretrain` (reserved for building the tiny base), the rest is `train` (for RL, SFT
+    and distillation). So held-out problems never appear in training data, and RL and SFT never train on
+    problems the base saw in pretraining, whatever the seeds."""
+    bucket = zlib.crc32(repr(key).encode()) % 10
+    return "test" if bucket == 0 else "pretrain" if bucket <= 5 else "train"
+
+
 def in_split(key, split: str) -> bool:
-    """Whether a generated problem (identified by `key`) belongs to `split`: a stable hash sends one problem
-    in ten to `test` and the rest to `train`, so that held-out problems never appear in training data,
-    whatever the seeds."""
-    if split == "all":
-        return True
-    is_test = zlib.crc32(repr(key).encode()) % 10 == 0
-    return is_test == (split == "test")
+    """Whether a generated problem belongs to `split` (`all`: every split)."""
+    return split == "all" or split_of(key) == split
 
 
 TASKS = ("countdown", "multiply", "math")

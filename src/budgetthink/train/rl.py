@@ -90,7 +90,8 @@ class RLConfig(Config):
 
     # data
     train_size: int = Field(10000, ge=1, description="training problems generated from the task")
-    eval_size: int = Field(200, ge=0, description="held-out problems (disjoint from training) for greedy eval")
+    eval_size: int = Field(200, ge=0, description="held-out problems (disjoint from training and from the tiny "
+                           "base's pretraining problems) for the evaluation")
     train_file: str | None = Field(None, description="JSONL of problems to train on instead of generating")
     eval_file: str | None = Field(None, description="JSONL of held-out problems instead of generating")
 
@@ -126,8 +127,9 @@ class RLConfig(Config):
     truncated: Literal["keep", "mask", "soft"] = Field(
         "keep", description="completions that hit max_response_tokens: keep, mask out of the loss, or soft penalty")
     overlong_cache: int = Field(16, ge=1, description="soft: the penalty ramps from 0 to -1 over the last this many tokens")
-    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal")
-    max_refills: int = Field(0, ge=0, description="dynamic sampling: extra generation rounds to refill dropped groups")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose accuracy is 0 or 1 (no signal to "
+                                   "learn from) and sample further prompts until the batch is full")
+    max_refills: int = Field(4, ge=0, description="dynamic sampling: at most this many extra generation rounds per step")
     critic: CriticConfig = Field(default_factory=CriticConfig, description="the PPO critic")
     budget_curriculum: BudgetCurriculum | None = Field(
         None, description="budget-aware RL (L1/LCPO): each group is told a drawn thinking budget, rewarded against it")
@@ -140,8 +142,13 @@ class RLConfig(Config):
     device: str = Field("auto", description="auto, cpu or cuda[:i]")
 
     # bookkeeping
-    eval_every: int = Field(10, ge=0, description="greedy held-out evaluation every this many steps (0: never)")
+    eval_every: int = Field(10, ge=0, description="held-out evaluation every this many steps (0: never)")
     eval_batch_size: int = Field(256, ge=1, description="prompts per evaluation generate call")
+    eval_max_tokens: int | None = Field(None, ge=1, description="cap on tokens per evaluation completion; None: the "
+                                        "model's context, so a model that thinks past the rollout cap is not scored "
+                                        "as truncated")
+    eval_samples: int = Field(0, ge=0, description="also sample this many completions per held-out problem at the "
+                              "rollout temperature and log their mean accuracy (mean@k) and pass@k; 0: greedy only")
     save_every: int = Field(10, ge=1, description="checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
     warn_after: int = Field(5, ge=1, description="warn if the reward is still 0 after this many steps")
@@ -350,8 +357,10 @@ def generate(run: Run, problems: list, n: int, sampling: Sampling, budgets: list
 
 
 def rollout(run: Run, step: int) -> tuple[list[Rollout], list[Rollout]]:
-    """(all rollouts of this step, the ones to train on). Dynamic sampling drops zero-spread groups and
-    refills from further prompts up to `max_refills` extra rounds."""
+    """(all rollouts of this step, the ones to train on). Dynamic sampling (DAPO) keeps only the groups whose
+    accuracy lies strictly between 0 and 1 and samples further prompts, up to `max_refills` extra rounds, until
+    the batch is full. It filters on correctness, not on the shaped reward: a group that differs only in format
+    credit teaches the format, not the task."""
     cfg = run.cfg
     generated, kept = [], []
     for round_ in range(1 + (cfg.max_refills if cfg.dynamic_sampling else 0)):
@@ -364,7 +373,7 @@ def rollout(run: Run, step: int) -> tuple[list[Rollout], list[Rollout]]:
         generated += batch
         groups = [batch[i:i + cfg.n] for i in range(0, len(batch), cfg.n)]
         if cfg.dynamic_sampling:
-            groups = [g for g in groups if len({r.reward for r in g}) > 1]
+            groups = [g for g in groups if len({r.score.correct for r in g}) > 1]
         kept += [r for g in groups for r in g]
         if len(kept) >= cfg.prompts_per_step * cfg.n:
             break
@@ -602,19 +611,29 @@ def _actor_micro(run: Run, batch: dict, pick: dict, weight: float, stats: dict, 
 
 # --- evaluation and reporting ------------------------------------------------------------------------------------------
 def evaluate(run: Run, step: int) -> dict:
-    """Greedy decoding on the held-out split: mean reward (TinyZero's validation score) and exact accuracy.
+    """Held-out evaluation: greedy accuracy and mean reward (TinyZero's validation score), at `eval_max_tokens`
+    (default: the model's whole context, not the rollout cap); with `eval_samples` k > 0 also mean@k and pass@k
+    of k samples per problem at the rollout temperature (less noisy than one greedy answer per problem).
 
     With a budget curriculum, once per evaluation budget B (stated in the prompt, enforced as in training):
     a line per B in eval.jsonl, and the returned record holds the means over budgets plus
     `accuracy_B<b>` and `budget_error_B<b>` per budget."""
     cfg, cur = run.cfg, run.cfg.budget_curriculum
-    sampling = Sampling(temperature=0.0, max_tokens=cfg.max_response_tokens)
+    context = getattr(run.model.config, "max_position_embeddings", None) or 2048
+    longest = max(len(run.tokenizer.encode(run.fmt.prompt(p.prompt))) for p in run.eval_set)
+    cap = cfg.eval_max_tokens or max(1, context - longest - 16)  # room for what budget forcing inserts
+    greedy = Sampling(temperature=0.0, max_tokens=cap)
+
+    def rolls_of(sampling: Sampling, n: int, budget: int | None) -> list[Rollout]:
+        out = []
+        for i in range(0, len(run.eval_set), max(1, cfg.eval_batch_size // n)):
+            chunk = run.eval_set[i:i + max(1, cfg.eval_batch_size // n)]
+            out += generate(run, chunk, n, sampling, None if budget is None else [budget] * len(chunk))
+        return out
+
     lines = []
     for budget in (cur.eval_points() if cur else [None]):
-        rolls = []
-        for i in range(0, len(run.eval_set), cfg.eval_batch_size):
-            chunk = run.eval_set[i:i + cfg.eval_batch_size]
-            rolls += generate(run, chunk, 1, sampling, None if budget is None else [budget] * len(chunk))
+        rolls = rolls_of(greedy, 1, budget)
         line = {"step": step, "n": len(rolls),
                 "reward": float(np.mean([r.score.reward for r in rolls])),
                 "accuracy": float(np.mean([r.score.correct for r in rolls])),
@@ -622,11 +641,20 @@ def evaluate(run: Run, step: int) -> dict:
                 "response_len_mean": float(np.mean([len(r.completion.token_ids) for r in rolls])),
                 "tokens_generated": int(sum(sum(r.completion.sampled) for r in rolls)),
                 "truncated": float(np.mean([r.truncated for r in rolls]))}
+        if cfg.eval_samples and budget is None:
+            k = cfg.eval_samples
+            sampled = rolls_of(Sampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cap,
+                                        seed=_mix(cfg.seed, step, 13)), k, None)
+            correct = np.array([r.score.correct for r in sampled], dtype=float).reshape(-1, k)  # [problems, k]
+            line |= {f"mean@{k}": float(correct.mean()), f"pass@{k}": float(correct.max(axis=1).mean()),
+                     "sampled_truncated": float(np.mean([r.truncated for r in sampled]))}
+            line["tokens_generated"] += int(sum(sum(r.completion.sampled) for r in sampled))
         if budget is not None:
             line = {"step": step, "budget": budget, **line, **curriculum_metrics(cur, rolls)}
         append_jsonl(run.out / "eval.jsonl", line)
         lines.append(line)
     record = {k: float(np.mean([x[k] for x in lines])) for k in ("reward", "accuracy", "format_rate")}
+    record |= {k: v for k, v in lines[0].items() if k.startswith(("mean@", "pass@"))}
     record["tokens_generated"] = sum(x["tokens_generated"] for x in lines)
     for x in lines if cur else []:
         record |= {f"accuracy_B{x['budget']}": x["accuracy"], f"budget_error_B{x['budget']}": x["budget_error"]}
