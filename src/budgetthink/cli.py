@@ -19,6 +19,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Problem files: generate and s
 export_app = typer.Typer(no_args_is_help=True, help="Hand a task off to other trainers.")
 app.add_typer(data_app, name="data")
 app.add_typer(export_app, name="export")
+runs_app = typer.Typer(no_args_is_help=True, help="Finished runs: compare them.")
+app.add_typer(runs_app, name="runs")
 DEBUG = False
 
 
@@ -50,6 +52,8 @@ ExtString = Annotated[str, typer.Option("--extension-string", help="Appended whe
 AnsPrefix = Annotated[str, typer.Option("--answer-prefix", help="Appended after a forced end of thinking.")]
 MaxAnswer = Annotated[int, typer.Option("--max-answer-tokens", help="Cap on answer tokens after thinking.")]
 Format = Annotated[str, typer.Option("--format", help="Think format: tinyzero, s1 or r1.")]
+ReportTo = Annotated[str | None, typer.Option("--report-to", help="Experiment trackers to log to as the run goes: none, "
+                                              "tensorboard, wandb (offline), trackio; several: tensorboard,wandb.")]
 
 
 def _options(items: list[str] | None) -> dict:
@@ -81,13 +85,16 @@ def _budget(max_thinking_tokens, min_thinking_tokens, extensions, extension_stri
 # --- stages ---------------------------------------------------------------------------------------------
 @app.command()
 def tiny(out: Out, preset: Annotated[str, typer.Option(help="test (< 1M params, seconds) or small (the demo's model).")] = "small",
-         seed: Seed = 0):
+         seed: Seed = 0, report_to: ReportTo = None):
     """Build and pretrain the tiny default model."""
     from budgetthink import tiny as tiny_model
+    from budgetthink.config import load_config
 
     if preset not in tiny_model.PRESETS:
         raise UserError(f"unknown preset {preset!r}; use {' or '.join(tiny_model.PRESETS)}")
-    report = tiny_model.build(out, preset=preset, seed=seed)
+    schedule = None if report_to is None else load_config(tiny_model.Schedule, defaults={
+        **tiny_model.SCHEDULES[preset].model_dump(), "report_to": report_to})
+    report = tiny_model.build(out, preset=preset, seed=seed, schedule=schedule)
     print(tiny_model.summary(report))
 
 
@@ -125,26 +132,28 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last c
 
 
 @app.command()
-def rl(out: Out, config: Config = None, resume: Resume = False, overrides: Overrides = None):
+def rl(out: Out, config: Config = None, resume: Resume = False, report_to: ReportTo = None,
+       overrides: Overrides = None):
     """R1-Zero-style RL from a base model: the GRPO family and PPO, with verifiable rewards."""
     from budgetthink.config import load_config
     from budgetthink.train.rl import RLConfig, train
 
-    train(load_config(RLConfig, config, overrides), out, resume)
+    flags = {"report_to": report_to} if report_to is not None else None
+    train(load_config(RLConfig, config, overrides, defaults=flags), out, resume)
 
 
 @app.command()
 def sft(out: Out, config: Config = None,
         model: Annotated[str | None, typer.Option(help="Model directory to fine-tune (overrides the recipe).")] = None,
         data: Annotated[Path | None, typer.Option(help="JSONL of traces (overrides the recipe).")] = None,
-        resume: Resume = False, overrides: Overrides = None):
+        resume: Resume = False, report_to: ReportTo = None, overrides: Overrides = None):
     """Distillation fine-tuning (s1): loss on thinking and answer tokens only."""
     import os
 
     from budgetthink.config import load_config
     from budgetthink.train.sft import SFTConfig, train
 
-    flags = {k: str(v) for k, v in (("model", model), ("data", data)) if v is not None}
+    flags = {k: str(v) for k, v in (("model", model), ("data", data), ("report_to", report_to)) if v is not None}
     summary = train(load_config(SFTConfig, config, overrides, defaults=flags), out, resume)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch, one process prints the result
         _print_json(summary)
@@ -270,6 +279,18 @@ def cost(run_dirs: Annotated[list[Path], typer.Argument(help="Run directories ho
     from budgetthink import ledger
 
     ledger.cost(run_dirs, as_json=as_json, prices=prices)
+
+
+@runs_app.command("compare")
+def runs_compare(run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (what rl or sft wrote).")],
+                 png: Annotated[Path, typer.Option("--png", help="Where to write the plot.")] = Path("runs-compare.png"),
+                 metrics: Annotated[str | None, typer.Option(help="Comma-separated metrics (default: the usual ones "
+                                                             "that any run logged).")] = None,
+                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False):
+    """One table and one PNG of several runs' metrics, side by side."""
+    from budgetthink.runs import compare
+
+    compare(run_dirs, png, metrics.split(",") if metrics else None, as_json=as_json)
 
 
 @app.command()

@@ -53,6 +53,7 @@ from pydantic import BaseModel, Field
 from tokenizers import AddedToken, Tokenizer, decoders, models
 from tokenizers.pre_tokenizers import ByteLevel
 
+from budgetthink import model_card, tracking
 from budgetthink.errors import UserError
 
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>"]  # ids 0 and 1
@@ -159,6 +160,8 @@ class Schedule(BaseModel):
     arith_share: float = Field(0.1, description="share of documents that are arithmetic drills")
     eval_problems: int = Field(200, description="held-out Countdown problems in the final greedy check")
     eval_max_tokens: int = Field(400, description="new tokens allowed per problem in the greedy check")
+    report_to: tracking.ReportTo = Field(default_factory=list, exclude=True,  # not a build setting: not in the cache key
+                                         description=tracking.REPORT_TO)
 
 
 SCHEDULES = {
@@ -283,8 +286,10 @@ def train_dtype(s: Schedule) -> str:
     return s.dtype
 
 
-def pretrain(model, tokenizer, docs: list[str], seed: int, s: Schedule, progress: bool = True) -> dict:
-    """Train `model` in place on `docs` (one document per row, end-of-text appended); returns measurements."""
+def pretrain(model, tokenizer, docs: list[str], seed: int, s: Schedule, progress: bool = True,
+             tracker: tracking.Tracker | None = None) -> dict:
+    """Train `model` in place on `docs` (one document per row, end-of-text appended); returns measurements
+    (and sends loss, lr, grad_norm and tokens of every step to `tracker`)."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -320,10 +325,12 @@ def pretrain(model, tokenizer, docs: list[str], seed: int, s: Schedule, progress
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         opt.step()
         tokens += int((x != PAD_ID).sum())
         losses.append(loss.item())
+        if tracker is not None:
+            tracker.log({"loss": losses[-1], "lr": lr_at(step), "grad_norm": float(grad_norm), "tokens": tokens}, step + 1)
         if step % 10 == 0 or step == len(plan) - 1:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}",
                             tok_s=f"{tokens / (time.time() - t0):.0f}")
@@ -410,7 +417,7 @@ def _build(out: Path, preset: str | Preset = "test", seed: int = 0, schedule: Sc
             and not (out / "build_report.json").is_file()):
         raise UserError(f"{out} exists and is not a tiny model build; choose another --out or remove it")
     config = settings(preset, seed, schedule)
-    s = Schedule(**config["schedule"])
+    s = Schedule(**config["schedule"], report_to=schedule.report_to if schedule else [])
     t_start = time.time()
     torch.manual_seed(seed)
     model, tokenizer = init_model(preset, seed)
@@ -418,18 +425,21 @@ def _build(out: Path, preset: str | Preset = "test", seed: int = 0, schedule: Sc
     docs, corpus = build_corpus(seed, s)
     corpus["characters"] = sum(map(len, docs))
     corpus["sample"] = docs[:3]
-    train = pretrain(model, tokenizer, docs, seed, s, progress)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    tracker = tracking.start(s.report_to, tmp, stage="tiny", config=config, name=out.name)  # logs end up in OUT
     try:
+        train = pretrain(model, tokenizer, docs, seed, s, progress, tracker)
         model.generation_config.eos_token_id = EOS_ID
         model.generation_config.pad_token_id = PAD_ID
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         weights = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()
         check = greedy_check(tmp, seed, s)
+        tracker.log({f"check_{k}": v for k, v in check.items()}, train["steps"])  # the held-out greedy check
+        tracker.finish()  # before the rename
         target = TARGET if config["preset"] == "small" else None  # the test preset only has to run
         report = {
             **config,
@@ -465,6 +475,7 @@ def build(out: Path, preset: str | Preset = "test", seed: int = 0, schedule: Sch
     with stage_ledger(out, stage="tiny", config=settings(preset, seed, schedule)) as entry:
         report = _build(out, preset, seed, schedule, progress)
         entry.add(tokens_trained=report["train"]["tokens"])
+    model_card.write(out, out, stage="tiny")  # after the ledger line, so the card carries the bill
     return report
 
 

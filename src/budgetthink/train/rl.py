@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from budgetthink import model_card, tracking
 from budgetthink.config import Config, dump_config
 from budgetthink.engine import Budget, Sampling
 from budgetthink.errors import UserError
@@ -153,6 +154,9 @@ class RLConfig(Config):
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
     warn_after: int = Field(5, ge=1, description="warn if the reward is still 0 after this many steps")
     warn_truncated: float = Field(0.2, ge=0, le=1, description="warn if more than this share is truncated")
+    report_to: tracking.ReportTo = Field(default_factory=list, description=tracking.REPORT_TO)
+    log_completions_every: int = Field(10, ge=0, description="with report_to: log one sampled completion per prompt "
+                                       "(prompt, completion, reward) as a table every this many steps (0: never)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -661,6 +665,14 @@ def evaluate(run: Run, step: int) -> dict:
     return record
 
 
+COMPLETION_COLUMNS = ["prompt", "completion", "reward", "correct"]
+
+
+def completion_rows(generated: list[Rollout], n: int) -> list[list]:
+    """The first sampled completion of each prompt, as rows of COMPLETION_COLUMNS (for the trackers)."""
+    return [[r.problem.prompt, r.completion.text, r.reward, bool(r.score.correct)] for r in generated[::n]]
+
+
 def rollout_metrics(generated: list[Rollout], n: int) -> dict:
     rewards = np.array([r.reward for r in generated])
     groups = rewards.reshape(-1, n)
@@ -712,8 +724,11 @@ def train(cfg: RLConfig, out: Path, resume: bool = False) -> list[dict]:
     out = Path(out)
     with stage_ledger(out, stage="rl", config=cfg) as bill:
         run = setup(cfg, out, resume)
+        tracker = tracking.start(cfg.report_to, out, stage="rl", config=cfg, resume_step=run.step)
         if run.step == 0 and cfg.eval_every and run.eval_set:
-            bill.add(tokens_generated=evaluate(run, 0)["tokens_generated"])
+            ev = evaluate(run, 0)
+            bill.add(tokens_generated=ev["tokens_generated"])
+            tracker.log({f"eval_{k}": v for k, v in ev.items() if k not in ("tokens_generated", "format_rate")}, 0)
         timed = cfg.max_minutes is not None  # then the number of steps is not known in advance
         bar = tqdm(total=None if timed else cfg.max_steps, initial=run.step, file=sys.stderr, dynamic_ncols=True,
                    desc=f"rl {cfg.algorithm}" + (f" (up to {cfg.max_minutes:g} min)" if timed else ""))
@@ -739,6 +754,9 @@ def train(cfg: RLConfig, out: Path, resume: bool = False) -> list[dict]:
                 m |= {f"eval_{k}": v for k, v in ev.items() if k not in ("tokens_generated", "format_rate")}
             m["step_s"] = time.perf_counter() - t0
             run.log.append(m)
+            tracker.log(m, step)
+            if cfg.log_completions_every and step % cfg.log_completions_every == 0:
+                tracker.table("completions", COMPLETION_COLUMNS, completion_rows(generated, cfg.n), step)
             warnings(run, m)
             if step % cfg.save_every == 0 or last:
                 checkpoint(run)
@@ -749,6 +767,8 @@ def train(cfg: RLConfig, out: Path, resume: bool = False) -> list[dict]:
                 break
         bar.close()
         finish(run)
+        tracker.finish()
+    model_card.write(out / "model", out, stage="rl")  # after the ledger line, so the card carries the bill
     return run.log.read()
 
 

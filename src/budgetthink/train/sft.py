@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from budgetthink import model_card, tracking
 from budgetthink.config import Config, dump_config
 from budgetthink.errors import UserError
 from budgetthink.jsonl import atomic_write_json, iter_jsonl
@@ -126,6 +127,7 @@ class SFTConfig(Config):
                                                  "(metrics.jsonl gets every step)")
     save_every: int = Field(100, ge=1, description="checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
+    report_to: tracking.ReportTo = Field(default_factory=list, description=tracking.REPORT_TO)
     stage: Literal["sft"] = Field("sft", description="the recipe's kind, for `budgetthink estimate`; always sft")
     train_tokens: float | None = Field(None, gt=0, description="tokens in one epoch of the data; read only by "
                                                                "`budgetthink estimate` (s1K: 4.7M), ignored here")
@@ -441,6 +443,7 @@ def train(cfg: SFTConfig, out: Path, resume: bool = False) -> dict:
     with stage_ledger(out, stage="sft", config=cfg) as entry:
         run = setup(cfg, out, resume)
         is_main = run.acc.is_main_process
+        tracker = tracking.start(cfg.report_to if is_main else [], out, stage="sft", config=cfg, resume_step=run.step)
         cache: dict = {}
         bar = tqdm(total=run.total_steps, initial=run.step, desc="sft", file=sys.stderr, dynamic_ncols=True,
                    disable=not is_main)
@@ -456,6 +459,7 @@ def train(cfg: SFTConfig, out: Path, resume: bool = False) -> dict:
             entry.add(tokens_trained=m["tokens"])
             if is_main:
                 run.log.append(m)
+                tracker.log(m, step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
                 if step % cfg.log_every == 0:
@@ -474,6 +478,9 @@ def train(cfg: SFTConfig, out: Path, resume: bool = False) -> dict:
                    "model_dir": str(out / "model")}
         if is_main:
             atomic_write_json(out / "summary.json", summary)
+        tracker.finish()
+    if is_main:  # after the ledger line, so the card carries the bill
+        model_card.write(out / "model", out, stage="sft")
     return summary
 
 
