@@ -66,7 +66,7 @@ def score(task: str, inp: str | Path, out: str | Path | None = None, skip_bad: b
         problem = Problem.from_dict({**record, "task": task})
         s = scorer.score(problem, record["completion"])
         scored.append({**record, "reward": s.reward, "correct": s.correct, "formatted": s.formatted,
-                       "extracted": s.extracted})
+                       "extracted": s.extracted, **({"reason": s.reason} if s.reason else {})})
     if not scored:
         raise UserError(f"{inp}: no scorable records" + (f" ({bad} bad lines skipped)" if bad else ""))
     if out is not None:
@@ -79,4 +79,5 @@ def score(task: str, inp: str | Path, out: str | Path | None = None, skip_bad: b
         "accuracy": sum(r["correct"] for r in scored) / n,
         "format_rate": sum(r["formatted"] for r in scored) / n,
         "skipped": bad,
+        "timeouts": sum(r.get("reason") == "timeout" for r in scored),  # checks that ran past the time limit
     }

@@ -2,7 +2,7 @@
 
     task = get_task("countdown", num_numbers=3)
     problems = task.generate(100, seed=0)          # list[Problem], deterministic per seed
-    score = task.score(problems[0], completion)     # Score(reward, correct, formatted, extracted)
+    score = task.score(problems[0], completion)     # Score(reward, correct, formatted, extracted, reason)
     trace = task.solve(problems[0])                 # Trace(thinking, answer): the programmatic teacher
 
 A Problem round-trips through `{"id", "task", "prompt", "answer", "meta"}`.
@@ -41,6 +41,7 @@ class Score:
     correct: bool
     formatted: bool  # an answer was found in the expected format
     extracted: str | None  # the answer text that was scored
+    reason: str | None = None  # why the score is not the verdict on the answer: "timeout" (the check ran past its limit)
 
 
 @dataclass

@@ -7,42 +7,51 @@
 The answer read from a completion is the last `\\boxed{...}` (braces may nest), else the last
 `<answer>...</answer>`. Gold and prediction are both parsed by math-verify (`parse`) and compared by its
 `verify`; where math-verify cannot read the gold answer the two strings are compared after removing spaces.
+math-verify runs in a worker process under a hard per-completion limit (`time_limit`, 5 s, see limit.py):
+a completion whose check runs past it scores 0.0 with `reason="timeout"`, which RL counts per step.
 Rewards: 1.0 equivalent, `format_reward` (0.1) for an answer that is not, `none_reward` (0.0) for no answer.
 Nothing is downloaded: the file must be local. There is no programmatic solver (`solve` returns None).
 """
 
 import json
+import logging
 import random
-import threading
+import re
 from pathlib import Path
 
 from budgetthink.errors import UserError
 from budgetthink.jsonl import read_jsonl
 from budgetthink.tasks import Problem, Score, Trace
 from budgetthink.tasks.countdown import last_answer
+from budgetthink.tasks.limit import Timeout, TimeLimited
 
 TEMPLATES = ("boxed", "plain")
+MAX_ANSWER_CHARS = 1000  # longer answers skip math-verify (its parser slows down badly on long input)
 BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}.\n"
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`), with nested braces; None if none."""
-    starts = [i for key in ("\\boxed", "\\fbox") for i in _find_all(text, key)]
-    for start in sorted(starts, reverse=True):
-        i = start + (6 if text.startswith("\\boxed", start) else 5)
+    """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`), with nested braces; None if none.
+
+    Linear time: one pass pairs every brace with its match, then each `\\boxed` is checked in O(1) (scanning
+    from each unclosed `\\boxed{` to the end took 20 s on 8,000 of them)."""
+    closing, stack = {}, []
+    for m in _BRACE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            closing[stack.pop()] = m.start()
+    starts = [(i, len(key)) for key in ("\\boxed", "\\fbox") for i in _find_all(text, key)]
+    for start, width in sorted(starts, reverse=True):
+        i = start + width
         while i < len(text) and text[i] == " ":
             i += 1
-        if i >= len(text) or text[i] != "{":
-            continue
-        depth = 0
-        for j in range(i, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i + 1:j]
+        if i in closing:
+            return text[i + 1:closing[i]]
     return None
+
+
+_BRACE = re.compile(r"[{}]")
 
 
 def _find_all(text: str, key: str):
@@ -60,22 +69,41 @@ def extract_answer(completion: str) -> str | None:
     return tagged.strip() if tagged is not None else None
 
 
-def equivalent(gold: str, pred: str) -> bool:
-    """math-verify equivalence of two answers (LaTeX or plain expressions)."""
+def _plain(text: str) -> str:
+    return "".join(text.split())
+
+
+def equivalent_now(gold: str, pred: str) -> bool:
+    """math-verify equivalence of two answers (LaTeX or plain expressions), unbounded: call it through
+    `equivalent`, which runs it in a worker process under a time limit."""
     from math_verify import parse, verify  # imported here: it pulls in sympy and an ANTLR parser
 
-    # math-verify's timeouts use signal.alarm, which only works in the main thread
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=timeout)
+    # timeouts off: math-verify's use signal.alarm, which the worker's own timer replaces (and its warning
+    # that they are off would only say so)
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=None)
     if not gold_parsed:
-        return "".join(gold.split()) == "".join(pred.split())
-    pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=timeout)
+        return _plain(gold) == _plain(pred)
+    pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=None)
     if not pred_parsed:
         return False
     try:
-        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
     except Exception:  # noqa: BLE001 - a prediction that sympy cannot compare is simply not equivalent
         return False
+
+
+_VERIFIER = TimeLimited("budgetthink.tasks.math:equivalent_now", warmup=("\\frac{1}{2}", "0.5"))
+
+
+def equivalent(gold: str, pred: str, time_limit: float = 5.0) -> bool:
+    """Whether `pred` is equivalent to `gold`, decided within `time_limit` seconds (else `Timeout`).
+    Identical answers need no parsing; answers longer than MAX_ANSWER_CHARS are compared as text only."""
+    if _plain(gold) == _plain(pred):
+        return True
+    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return False
+    return _VERIFIER(time_limit, gold, pred)
 
 
 def load_rows(path: str | Path, split: str = "train") -> list[dict]:
@@ -120,11 +148,13 @@ class Math:
 
     def __init__(self, path: str | None = None, problem_field: str = "problem", answer_field: str = "answer",
                  split: str = "train", template: str = "boxed", correct_reward: float = 1.0,
-                 format_reward: float = 0.1, none_reward: float = 0.0):
+                 format_reward: float = 0.1, none_reward: float = 0.0, time_limit: float = 5.0):
         if template not in TEMPLATES:
             raise UserError(f"unknown math template {template!r}; known: {', '.join(TEMPLATES)}")
         self.path, self.problem_field, self.answer_field, self.split = path, problem_field, answer_field, split
-        self.template = template
+        if not float(time_limit) > 0:
+            raise UserError(f"math: time_limit must be a positive number of seconds, got {time_limit!r}")
+        self.template, self.time_limit = template, float(time_limit)
         self.correct_reward, self.format_reward, self.none_reward = (
             float(correct_reward), float(format_reward), float(none_reward))
 
@@ -158,7 +188,11 @@ class Math:
         pred = extract_answer(completion)
         if pred is None:
             return Score(self.none_reward, False, False, None)
-        if pred and equivalent(str(problem.answer), pred):
+        try:
+            same = bool(pred) and equivalent(str(problem.answer), pred, self.time_limit)
+        except Timeout:  # a hard cap per completion: one answer must not stall a whole RL step
+            return Score(0.0, False, True, pred, reason="timeout")
+        if same:
             return Score(self.correct_reward, True, True, pred)
         return Score(self.format_reward, False, True, pred)
 

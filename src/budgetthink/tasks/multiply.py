@@ -41,7 +41,8 @@ BASE_TEMPLATE = (
 COMPACT_TEMPLATE = "{a}*{b}\n"
 
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
-_OPERANDS = re.compile(r"([0-9]+) ?\* ?([0-9]+)", re.ASCII)
+# the lookbehind starts a match only at the first digit of a run: linear time on a long run of digits
+_OPERANDS = re.compile(r"(?<![0-9])([0-9]+) ?\* ?([0-9]+)", re.ASCII)
 
 
 def long_hand(a: int, b: int) -> tuple[list[str], int]:

@@ -681,6 +681,7 @@ def rollout_metrics(generated: list[Rollout], n: int) -> dict:
             "accuracy": float(np.mean([r.score.correct for r in generated])),
             "format_rate": float(np.mean([r.score.formatted for r in generated])),
             "no_answer": float(np.mean([r.score.extracted is None for r in generated])),
+            "score_timeouts": int(sum(getattr(r.score, "reason", None) == "timeout" for r in generated)),
             "zero_spread_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))) if n > 1 else None,
             "response_len_mean": float(np.mean(lengths)), "response_len_max": int(max(lengths)),
             "truncated": float(np.mean([r.truncated for r in generated])),
