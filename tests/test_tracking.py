@@ -205,7 +205,8 @@ def test_wandb_runs_offline_into_the_run_directory(tmp_path):
     assert b"reward_mean" in log.read_bytes()  # the run's record log (binary) holds the logged keys
     (table,) = run.glob("files/media/table/completions_2_*.table.json")
     saved = json.loads(table.read_text())
-    assert saved["columns"] == ["prompt", "completion", "reward"] and saved["data"] == [["1 2 -> 3", "<answer>1+2</answer>", 1.0]]
+    assert saved["columns"] == ["prompt", "completion", "reward"]
+    assert saved["data"] == [["1 2 -> 3", "<answer>1+2</answer>", 1.0]]
 
 
 def test_trackio_logs_locally_and_keeps_stdout_clean(tiny_model_dir, tmp_path):

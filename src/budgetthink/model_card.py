@@ -61,7 +61,8 @@ def _rl(run: Path) -> dict:
         at = {e["step"]: e for e in evals if e.get("budget") == budget}
         label = "" if budget is None else f" (stated budget {budget})"
         rows += [[k + label] + [at.get(s, {}).get(k, "") for s in cols] for k in keys]
-    results = (f"Greedy decoding on the held-out set ({held}):\n\n" + _table(["metric"] + [f"step {s}" for s in cols], rows)
+    table = _table(["metric"] + [f"step {s}" for s in cols], rows)
+    results = (f"Greedy decoding on the held-out set ({held}):\n\n{table}"
                if rows else "No held-out evaluation ran (eval_every: 0 or eval_size: 0).")
     return {"kind": f"RL ({cfg.get('algorithm')})", "base": cfg.get("model"), "config": cfg,
             "tags": ["rl", cfg.get("algorithm"), cfg.get("task")], "data": data,
@@ -120,7 +121,7 @@ def _bill(run: Path) -> str:
             f"\n\nFrom `budgetthink cost {run}` (prices: budgetthink's price table).{note}")
 
 
-# --- the card ----------------------------------------------------------------------------------------------------------
+# --- the card -------------------------------------------------------------------------------------------------
 def render(model_dir: Path, run: Path, stage: str) -> str:
     from budgetthink.tracking import command_line
 

@@ -83,7 +83,8 @@ def compare(dirs: list[Path], png: Path, metrics: list[str] | None = None, as_js
     if metrics:
         missing = [m for m in metrics if m not in logged]
         if missing:
-            raise UserError(f"no run logged {', '.join(missing)}; metrics they logged: {', '.join(sorted(logged - {'step'}))}")
+            raise UserError(f"no run logged {', '.join(missing)}; metrics they logged: "
+                            f"{', '.join(sorted(logged - {'step'}))}")
     else:
         metrics = [m for m in METRICS if m in logged]
     if not metrics:

@@ -7,8 +7,8 @@
 
 No model can be downloaded here or on an air-gapped box, so budgetthink builds its own default. The
 result is an ordinary transformers model directory (config.json, model.safetensors, tokenizer.json,
-generation_config.json, plus build_report.json): `AutoModelForCausalLM.from_pretrained(DIR)` and
-`AutoTokenizer.from_pretrained(DIR)` load it, and so can vLLM or TRL.
+generation_config.json, plus build_report.json and a model card, README.md):
+`AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load it, and so can vLLM or TRL.
 
 The tokenizer is a byte-level BPE with *no merges* over printable ASCII and newline: one token per
 character. It is written this way (rather than as a WordLevel tokenizer) because transformers 5 loads
@@ -330,7 +330,8 @@ def pretrain(model, tokenizer, docs: list[str], seed: int, s: Schedule, progress
         tokens += int((x != PAD_ID).sum())
         losses.append(loss.item())
         if tracker is not None:
-            tracker.log({"loss": losses[-1], "lr": lr_at(step), "grad_norm": float(grad_norm), "tokens": tokens}, step + 1)
+            tracker.log({"loss": losses[-1], "lr": lr_at(step), "grad_norm": float(grad_norm), "tokens": tokens},
+                        step + 1)
         if step % 10 == 0 or step == len(plan) - 1:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}",
                             tok_s=f"{tokens / (time.time() - t0):.0f}")

@@ -13,7 +13,8 @@ drawn thinking budget, the engine may enforce it, and the reward is shaped by th
 
 Outputs in OUT: metrics.jsonl (a line per step), eval.jsonl (greedy held-out evaluation every
 `eval_every` steps), checkpoints/step_N (atomic; `--resume` continues from the last), model/ (the final
-policy, an ordinary model directory), metrics.png, config.yaml, ledger.jsonl (the cost).
+policy, an ordinary model directory with a model card, README.md), metrics.png, config.yaml, ledger.jsonl (the
+cost), tracking/ (with `report_to`: the same metrics, live, for TensorBoard or W&B; see tracking.py).
 
 Sections: configuration, run state and setup, rollouts, tensors and forward passes, the update,
 evaluation and reporting, the loop (`train`, which reads on one screen).

@@ -35,8 +35,8 @@ is printed and written to summary.json (s1: a 4,096 limit cut 74% of s1K and cos
 Outputs in OUT: config.yaml; metrics.jsonl (per step: loss, lr, grad_norm, tokens_per_s, ...);
 checkpoints/step_N (atomic: model/, state.pt with optimizer, scheduler, RNG, step; `--resume` continues from
 the last, and the data plan is a function of the step, so it picks up the exact next batch); model/ (the final
-model, an ordinary model directory with its tokenizer, LoRA merged); metrics.png (loss, lr, grad norm);
-summary.json; ledger.jsonl.
+model, an ordinary model directory with its tokenizer, LoRA merged, and a model card README.md); metrics.png
+(loss, lr, grad norm); summary.json; ledger.jsonl; tracking/ (with `report_to`, see tracking.py).
 
 Limitations: with FSDP or DeepSpeed the checkpoint holds the full model and the schedule but not the sharded
 optimizer moments (a resume restarts them, with a warning); DeepSpeed needs one micro-batch per process per
