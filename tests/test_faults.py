@@ -6,16 +6,21 @@ daemonic worker process.
 """
 
 import gc
+import json
 import multiprocessing
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from budgetthink.tasks import Problem, get_task
+from budgetthink.tasks import Problem, Score, get_task
 from budgetthink.tasks.math import last_boxed
 
 # ---------------- scorers ----------------
@@ -133,12 +138,11 @@ def test_math_time_limit_in_a_thread_then_scores_again():
 def test_math_time_limit_in_a_daemonic_worker_process():
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # pool workers are daemonic
         reward, correct, reason, took = pool.apply(_score_math, (HANGS, 0.5))
-        assert (reward, reason) == (0.0, "timeout") and took < 1.5
+        assert (reward, correct, reason) == (0.0, False, "timeout") and took < 1.5
         assert pool.apply(_score_math, ("\\boxed{2/4}", 5.0))[:3] == (1.0, True, None)
 
 
 def test_rl_metrics_count_timeouts():
-    from budgetthink.tasks import Score
     from budgetthink.train.rl import rollout_metrics
 
     def roll(reason):
@@ -148,3 +152,180 @@ def test_rl_metrics_count_timeouts():
 
     m = rollout_metrics([roll("timeout"), roll(None), roll("timeout"), roll(None)], n=2)
     assert m["score_timeouts"] == 2 and m["tokens_generated"] == 8
+
+
+# ---------------- resume after kills ----------------
+
+def share_of_digits(self, problem, completion):
+    """Stand-in verifier that varies within groups (the tiny model never writes an answer tag)."""
+    share = sum(c.isdigit() for c in completion) / max(len(completion), 1)
+    return Score(reward=share, correct=share > 0.2, formatted=True, extracted=completion[:4])
+
+
+@pytest.fixture
+def rl_digits(monkeypatch, one_thread):
+    from budgetthink.train import rl
+
+    real = rl._data
+
+    def data(cfg):
+        task, train, held = real(cfg)
+        task.score = share_of_digits.__get__(task)
+        return task, train, held
+
+    monkeypatch.setattr(rl, "_data", data)
+    return rl
+
+
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _arm(point: str, step: int, monkeypatch) -> None:
+    """In a forked child: SIGKILL this process at `point` of `step` (a kill -9 at exactly that moment)."""
+    import shutil
+
+    from budgetthink.train import common, rl
+
+    if point == "after_metrics_line":  # the line is on disk, the checkpoint after it is not
+        real_append = common.MetricsLog.append
+        monkeypatch.setattr(common.MetricsLog, "append",
+                            lambda self, r: (real_append(self, r), r["step"] == step and _die()))
+    elif point == "after_eval_line":  # eval.jsonl has the step, metrics.jsonl does not yet
+        real_eval = rl.append_jsonl
+        monkeypatch.setattr(rl, "append_jsonl", lambda p, r: (real_eval(p, r), r["step"] == step and _die()))
+    elif point == "torn_state_file":  # inside the checkpoint write: state.pt half on disk
+        real_save = common.torch.save
+
+        def save(obj, path):
+            real_save(obj, path)
+            if obj.get("step") == step:
+                data = Path(path).read_bytes()
+                Path(path).write_bytes(data[:len(data) // 2])
+                _die()
+
+        monkeypatch.setattr(common.torch, "save", save)
+    elif point == "before_rename":  # inside the checkpoint write: every file and the manifest written
+        real_fsync = common._fsync_tree
+        monkeypatch.setattr(common, "_fsync_tree",
+                            lambda root: (real_fsync(root), root.name.endswith(f"step_{step:08d}-{os.getpid()}")
+                                          and _die()))
+    elif point == "while_pruning":  # the new checkpoint in place, the old one half deleted
+        real_rmtree = shutil.rmtree
+
+        def rmtree(path, *a, **k):
+            if Path(path).name.startswith("step_"):
+                real_rmtree(Path(path) / "model")
+                _die()
+            real_rmtree(path, *a, **k)
+
+        monkeypatch.setattr(common.shutil, "rmtree", rmtree)
+    elif point == "while_rewinding":  # on resume: metrics.jsonl cut back, eval.jsonl not yet
+        real_write = common.write_jsonl
+        monkeypatch.setattr(common, "write_jsonl", lambda p, rs: (real_write(p, rs), _die()))
+    else:
+        raise ValueError(point)
+
+
+def _killed_at(rl, cfg, out: Path, point: str, step: int) -> None:
+    """Resume the run in `out` in a forked child that is killed at `point`; the child must die there."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            mp = pytest.MonkeyPatch()
+            _arm(point, step, mp)
+            rl.train(cfg, out, resume=True)
+        finally:
+            os._exit(3)  # reached only if the kill point was never hit
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"{point}@{step}: status {status}"
+
+
+# kill points in order, each hit by a resume of the previous one's leftovers (save_every=2, keep_checkpoints=2);
+# between two of them the newest checkpoint (step 4) is damaged, so the next resume falls back to step 2
+KILLS = [("after_metrics_line", 1), ("after_metrics_line", 2), ("torn_state_file", 2), ("before_rename", 2),
+         ("after_eval_line", 4), ("while_rewinding", 0), ("before_rename", 4), ("after_metrics_line", 5),
+         ("damage_newest_checkpoint", 4), ("while_pruning", 6)]
+
+
+def test_rl_resume_after_kills_everywhere_matches_an_uninterrupted_run(tiny_model_dir, tmp_path, rl_digits):
+    """Nine kill -9s (before the first checkpoint, inside checkpoint writes, while pruning, while rewinding the
+    logs on a resume) and a damaged newest checkpoint, each run resumed: the logs hold every step exactly once
+    and equal, with the final weights, those of a run never killed."""
+    from safetensors.torch import load_file
+
+    from budgetthink.config import load_config
+
+    rl = rl_digits
+    cfg = load_config(rl.RLConfig, None, [
+        f"model={tiny_model_dir}", "prompts_per_step=2", "n=4", "max_response_tokens=12", "train_size=40",
+        "eval_size=4", "eval_every=2", "eval_max_tokens=12", "micro_batch_size=4", "optim.lr=1e-3", "max_steps=6",
+        "save_every=2", "keep_checkpoints=2", "ppo_epochs=2", "mini_batch_size=4", "optim.schedule=cosine"])
+    whole = tmp_path / "whole"
+    rl.train(cfg, whole)
+    out = tmp_path / "killed"
+    for point, step in KILLS:
+        if point == "damage_newest_checkpoint":
+            weights = out / "checkpoints" / f"step_{step:08d}" / "model" / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:1000])
+        else:
+            _killed_at(rl, cfg, out, point, step)
+    rl.train(cfg, out, resume=True)
+
+    timing = {"generate_s", "train_s", "step_s"}
+    lines = lambda d, name: [{k: v for k, v in json.loads(x).items() if k not in timing}
+                             for x in (d / name).read_text().splitlines()]
+    assert [r["step"] for r in lines(out, "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in lines(out, "eval.jsonl")] == [0, 2, 4, 6]
+    assert lines(out, "metrics.jsonl") == lines(whole, "metrics.jsonl")
+    assert lines(out, "eval.jsonl") == lines(whole, "eval.jsonl")
+    a, b = load_file(whole / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Payload:
+    """What a hostile state.pt could hold: unpickling it runs a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_falls_back_past_damaged_checkpoints_and_never_unpickles_code(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from budgetthink.errors import UserError
+    from budgetthink.train import common
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for step in (2, 4, 6, 8):
+        common.save_checkpoint(tmp_path, step, model, None, {"rng": common.rng_state(), "x": step}, keep=4)
+    ckpt = lambda s: tmp_path / "checkpoints" / f"step_{s:08d}"
+    assert all(common.check_checkpoint(ckpt(s)) is None for s in (2, 4, 6, 8))
+    found, state = common.resume_point(tmp_path)
+    assert found == ckpt(8) and state["x"] == 8 and state["step"] == 8
+    common.set_rng_state(state["rng"])  # RNG state survives the plain-types round trip
+
+    weights = ckpt(8) / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+    raw = bytearray((ckpt(6) / "state.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte, same size
+    (ckpt(6) / "state.pt").write_bytes(bytes(raw))
+    marker = tmp_path / "pwned"
+    torch.save({"step": 4, "x": Payload(marker)}, ckpt(4) / "state.pt")  # hostile, with a matching manifest
+    (ckpt(4) / common.MANIFEST).unlink()
+    common._write_manifest(ckpt(4))
+    found, state = common.resume_point(tmp_path)
+    assert found == ckpt(2) and state["x"] == 2
+    assert not marker.exists()
+    err = capsys.readouterr().err
+    assert "step_00000008 is damaged (model/model.safetensors has" in err
+    assert "step_00000006 is damaged (state.pt does not match its checksum)" in err
+    assert "step_00000004 is damaged (state.pt does not load safely" in err
+
+    (ckpt(2) / common.MANIFEST).unlink()
+    with pytest.raises(UserError, match=r"no intact checkpoint in .*step_00000002: no manifest.json"):
+        common.resume_point(tmp_path)
+    assert not marker.exists()

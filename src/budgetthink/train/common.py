@@ -4,17 +4,22 @@ survive a kill, a metrics log, plots, a guard against NaN/inf, and optional LoRA
     model, tokenizer = load_model(cfg.model, ckpt, cfg.lora, cfg.gradient_checkpointing, hint, dtype=torch.float32)
     opt = make_optimizer(model, cfg.optim);  sched = make_scheduler(opt, cfg.optim, total_steps)
     ckpt = save_checkpoint(out, step, model, tokenizer, {"optimizer": opt.state_dict(), ...})
-    last = latest_checkpoint(out);  state = load_state(last)        # on --resume
-    log = MetricsLog(out / "metrics.jsonl");  log.truncate_after(step);  log.append({...})
+    ckpt, state = resume_point(out)                                   # on --resume: newest intact checkpoint
+    rewind_logs(out, state["step"] if ckpt else None)                 # each log continues exactly once
+    log = MetricsLog(out / "metrics.jsonl");  log.append({...})
     check_finite(step, last, loss=loss.item(), grad_norm=gn)        # NonFiniteError names the step
 
 Checkpoint layout: OUT/checkpoints/step_00000010/ holds `model/` (an ordinary model directory:
-config.json, safetensors, tokenizer; for LoRA the adapter), any extra modules (e.g. `critic/`), and
-`state.pt` (optimizer, scheduler, RNG states of python/numpy/torch, step, data position, ...). It is
-written under a temporary name and renamed, so a kill at any moment leaves either the previous
-checkpoint or the new one, never a half-written one; only the last `keep` are kept.
+config.json, safetensors, tokenizer; for LoRA the adapter), any extra modules (e.g. `critic/`),
+`state.pt` (optimizer, scheduler, RNG states of python/numpy/torch, step, data position, ...: tensors and
+plain values, loaded with weights_only=True, never arbitrary pickled objects), and `manifest.json` (every
+file's size and SHA-256). It is written under a temporary name and renamed, so a kill at any moment leaves
+either the previous checkpoint or the new one, never a half-written one; only the last `keep` are kept.
+A resume takes the newest checkpoint that matches its manifest, falling back past damaged ones.
 """
 
+import hashlib
+import json
 import math
 import os
 import random
@@ -31,6 +36,7 @@ from budgetthink.jsonl import append_jsonl, read_jsonl, write_jsonl
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
+MANIFEST = "manifest.json"  # every file's size and SHA-256, written last
 
 
 # --- optimizer and schedule --------------------------------------------------------------------------------
@@ -151,7 +157,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states in plain types and tensors, so that a checkpoint loads with torch.load(weights_only=True)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"]),
+                       "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -159,7 +169,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -190,6 +201,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, state: dict, modules
     for name, module in (modules or {}).items():
         module.save_pretrained(tmp / name)
     torch.save({**state, "step": step}, tmp / STATE_FILE)
+    _write_manifest(tmp)  # last: a checkpoint whose files do not match it is damaged (see check_checkpoint)
     _fsync_tree(tmp)
     if final.exists():  # re-saving a step (after a resume): swap in the new one
         old = root / f".old-step_{step:08d}-{os.getpid()}"
@@ -212,7 +224,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, state: dict, modules
 
 
 def list_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints under OUT, oldest first (temporary directories are never listed)."""
+    """Checkpoints under OUT, oldest first (temporary directories are never listed; see check_checkpoint)."""
     root = Path(out) / CKPT_DIR
     if not root.exists():
         return []
@@ -225,9 +237,79 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(ckpt: Path) -> None:
+    files = {str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (ckpt / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
+
+
+def check_checkpoint(ckpt: Path) -> str | None:
+    """None if every file of the checkpoint matches its manifest (size and SHA-256), else what is wrong.
+    A rename makes a checkpoint appear whole, but a disk that filled up, a copy cut short or a stray write
+    can still damage it afterwards."""
+    try:
+        files = json.loads((Path(ckpt) / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (written by an older version, or damaged)"
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, want in files.items():
+        path = Path(ckpt) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, not {want['bytes']}"
+        if _digest(path) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
 def load_state(ckpt: Path) -> dict:
-    """The `state.pt` of a checkpoint (optimizer, scheduler, RNG, step, ...)."""
-    return torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)
+    """The `state.pt` of a checkpoint (optimizer, scheduler, RNG, step, ...): tensors and plain values only,
+    loaded with weights_only=True, so a checkpoint from an untrusted directory cannot run code."""
+    return torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def resume_point(out: Path) -> tuple[Path | None, dict | None]:
+    """(checkpoint, its state) to resume from: the newest intact one, skipping damaged ones with a warning;
+    (None, None) if OUT has none. A UserError if every checkpoint is damaged (starting over would throw the
+    run away: that is the user's call)."""
+    damaged = []
+    for ckpt in reversed(list_checkpoints(out)):
+        problem = check_checkpoint(ckpt)
+        if problem is None:
+            try:
+                return ckpt, load_state(ckpt)
+            except Exception as e:  # noqa: BLE001 - any failure to unpickle safely means it is not usable
+                problem = f"{STATE_FILE} does not load safely ({str(e).splitlines()[0][:200]})"
+        damaged.append(f"{ckpt.name}: {problem}")
+        say(f"warning: checkpoint {ckpt} is damaged ({problem}); falling back to the one before")
+    if damaged:
+        raise UserError(f"no intact checkpoint in {Path(out) / CKPT_DIR} ({'; '.join(damaged)}); delete it to "
+                        "start the run over, or choose another --out")
+    return None, None
+
+
+def rewind_logs(out: Path, step: int | None, names: tuple[str, ...] = ("metrics.jsonl", "eval.jsonl")) -> None:
+    """On a resume, continue every per-step log exactly once: drop the lines after the checkpoint's `step`
+    (the killed run wrote them; the resumed run writes them again); with no checkpoint (`step` None) the
+    run starts over and its logs go. Each file is rewritten atomically, so a kill here loses nothing."""
+    for name in names:
+        path = Path(out) / name
+        if not path.exists():
+            continue
+        if step is None:
+            path.unlink()
+        else:
+            write_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= step])
 
 
 # --- metrics ----------------------------------------------------------------------------------------------------------
@@ -242,11 +324,6 @@ class MetricsLog:
 
     def read(self) -> list[dict]:
         return read_jsonl(self.path) if self.path.exists() else []
-
-    def truncate_after(self, step: int) -> None:
-        """Drop lines of steps after `step` (written by a run killed before its next checkpoint)."""
-        if self.path.exists():
-            write_jsonl(self.path, [r for r in self.read() if r.get("step", 0) <= step])
 
 
 def _plain(v):

@@ -37,7 +37,7 @@ from budgetthink import model_card, tracking
 from budgetthink.config import Config, dump_config
 from budgetthink.engine import Budget, Sampling
 from budgetthink.errors import UserError
-from budgetthink.jsonl import append_jsonl, read_jsonl, write_jsonl
+from budgetthink.jsonl import append_jsonl, read_jsonl
 from budgetthink.train import losses as L
 from budgetthink.train.common import (
     LoRA,
@@ -47,10 +47,11 @@ from budgetthink.train.common import (
     clip_grad,
     latest_checkpoint,
     load_model,
-    load_state,
     make_optimizer,
     make_scheduler,
     plot_metrics,
+    resume_point,
+    rewind_logs,
     rng_state,
     save_checkpoint,
     save_model_dir,
@@ -242,7 +243,7 @@ def setup(cfg: RLConfig, out: Path, resume: bool) -> Run:
     from budgetthink.formats import get_format
 
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(out) if resume else None
+    ckpt, state = resume_point(out) if resume else (None, None)  # the newest intact checkpoint
     if not resume and (latest_checkpoint(out) or (out / "metrics.jsonl").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     seed_everything(cfg.seed)
@@ -270,7 +271,6 @@ def setup(cfg: RLConfig, out: Path, resume: bool) -> Run:
         run.critic_opt = make_optimizer(run.critic, cfg.critic.optim)
         run.critic_sched = make_scheduler(run.critic_opt, cfg.critic.optim, cfg.max_steps)
     if ckpt:
-        state = load_state(ckpt)
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         if run.critic is not None:
@@ -280,11 +280,10 @@ def setup(cfg: RLConfig, out: Path, resume: bool) -> Run:
         run.zero_reward_steps, run.warned = state.get("zero_reward_steps", 0), set(state.get("warned", ()))
         set_rng_state(state["rng"])
         run.last_ckpt = ckpt
-        run.log.truncate_after(run.step)
-        if (out / "eval.jsonl").exists():
-            write_jsonl(out / "eval.jsonl", [r for r in read_jsonl(out / "eval.jsonl") if r["step"] <= run.step])
     elif resume:
         say(f"no checkpoint in {out}: starting from step 0")
+    if resume:
+        rewind_logs(out, run.step if ckpt else None)  # each log continues exactly once
     dump_config(cfg, out / "config.yaml")
     return run
 

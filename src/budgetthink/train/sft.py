@@ -69,10 +69,11 @@ from budgetthink.train.common import (
     check_finite,
     latest_checkpoint,
     load_model,
-    load_state,
     make_optimizer,
     make_scheduler,
     plot_metrics,
+    resume_point,
+    rewind_logs,
     rng_state,
     save_checkpoint,
     save_model_dir,
@@ -298,7 +299,7 @@ def setup(cfg: SFTConfig, out: Path, resume: bool) -> Run:
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if not resume and (latest_checkpoint(out) or (out / "metrics.jsonl").exists()):  # checked by every process
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    ckpt = latest_checkpoint(out) if resume else None
+    ckpt, state = resume_point(out) if resume else (None, None)  # the newest intact checkpoint
     acc = Accelerator(cpu=not cuda)
     sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
     if sharded and cfg.lora:
@@ -329,7 +330,6 @@ def setup(cfg: SFTConfig, out: Path, resume: bool) -> Run:
               examples=examples, lengths=lengths, stats={**stats, "steps_per_epoch": per_epoch, "total_steps": total},
               total_steps=total, bf16=bf16, log=MetricsLog(out / "metrics.jsonl"))
     if ckpt:
-        state = load_state(ckpt)
         if "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
         else:
@@ -337,11 +337,10 @@ def setup(cfg: SFTConfig, out: Path, resume: bool) -> Run:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         run.step, run.last_ckpt = state["step"], ckpt
-        if acc.is_main_process:
-            run.log.truncate_after(run.step)
     elif resume and acc.is_main_process:
         say(f"no checkpoint in {out}: starting from step 0")
-        run.log.truncate_after(0)  # lines of a run killed before its first checkpoint
+    if resume and acc.is_main_process:
+        rewind_logs(out, run.step if ckpt else None)  # each log continues exactly once
     if acc.is_main_process:
         dump_config(cfg, out / "config.yaml")
         cut = (f"{stats['truncated']} truncated to their first {cfg.max_seq_len} tokens" if cfg.truncation == "truncate"
