@@ -102,6 +102,13 @@ def test_scalars_keep_the_jsonl_names_and_add_trl_names():
         "learning_rate": 1e-3, "tokens": 7.0}
 
 
+def test_the_command_line_is_written_as_typed(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/venv/lib/budgetthink/__main__.py", "rl", "--out", "runs/a b", "max_steps=2"])
+    assert tracking.command_line() == "budgetthink rl --out 'runs/a b' max_steps=2"
+    monkeypatch.setattr(sys, "argv", ["/venv/lib/pytest/__main__.py", "-q"])
+    assert tracking.command_line() == "python -m pytest -q"
+
+
 def test_the_cli_error_for_an_unknown_tracker_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "budgetthink", "rl", "--out", str(tmp_path / "r"), "--report-to",
                         "tensorbord", "model=m"], check=False, capture_output=True, text=True, cwd=ROOT)

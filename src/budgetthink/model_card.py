@@ -89,7 +89,8 @@ def _tiny(run: Path) -> dict:
     corpus, train, check = r.get("corpus", {}), r.get("train", {}), r.get("check", {})
     config = {k: r.get(k) for k in ("preset", "shape", "seed", "schedule", "dtype", "recipe_version", "countdown",
                                     "format")}
-    data = (f"{corpus.get('documents')} generated documents ({corpus.get('kinds')}) over "
+    kinds = ", ".join(f"{n} {k}" for k, n in (corpus.get("kinds") or {}).items())
+    data = (f"{corpus.get('documents')} generated documents ({kinds}) over "
             f"{corpus.get('countdown_problems')} Countdown problems of the pretrain split")
     rows = [[k, check[k]] for k in ("format_rate", "accuracy", "mean_reward", "thinking_closed_rate") if k in check]
     results = (f"Greedy decoding on {check.get('problems')} held-out Countdown problems (test split):\n\n"

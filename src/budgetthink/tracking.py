@@ -79,9 +79,11 @@ REPORT_TO = ("experiment trackers to log to as the run goes: none, tensorboard, 
 
 def command_line() -> str:
     """The command that started this process, as a person would type it."""
-    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
-    prog = "budgetthink" if prog in ("budgetthink", "__main__.py") else prog
-    return shlex.join([prog, *sys.argv[1:]])
+    path = Path(sys.argv[0] if sys.argv and sys.argv[0] else "python")
+    prog = path.name
+    if prog == "__main__.py":  # python -m PACKAGE
+        prog = "budgetthink" if path.parent.name == "budgetthink" else f"python -m {path.parent.name}"
+    return " ".join([prog, shlex.join(sys.argv[1:])]).strip()
 
 
 def scalars(record: dict) -> dict[str, float]:
