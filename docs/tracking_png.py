@@ -16,10 +16,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+import matplotlib.pyplot as plt
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-TAGS = ["reward", "eval_accuracy", "completions/mean_length", "entropy", "clip_ratio/region_mean", "grad_norm"]
+TAGS = ["reward", "eval_accuracy", "completions/mean_length", "entropy", "frac_reward_zero_std", "grad_norm"]
 SMOOTHING = 0.6  # TensorBoard's default
 COLOR = "#ff7043"  # TensorBoard's first run colour
 
@@ -37,8 +37,8 @@ def main(run: Path, png: Path) -> None:
     ea = EventAccumulator(str(run / "tracking" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     ea.Reload()
     tags = [t for t in TAGS if t in ea.Tags()["scalars"]]
-    fig = plt.figure(figsize=(13, 9.2))
-    grid = fig.add_gridspec(3, 3, height_ratios=[1, 1, 0.9])
+    fig = plt.figure(figsize=(13, 8.4))
+    grid = fig.add_gridspec(3, 3, height_ratios=[1, 1, 0.62])
     for i, tag in enumerate(tags):
         ax = fig.add_subplot(grid[i // 3, i % 3])
         steps, values = zip(*[(e.step, e.value) for e in ea.Scalars(tag)])
@@ -48,7 +48,8 @@ def main(run: Path, png: Path) -> None:
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
         ax.set_xlabel("step", fontsize=8)
-    texts = [e for e in ea.Tensors("completions/text_summary")] if "completions/text_summary" in ea.Tags()["tensors"] else []
+    has_table = "completions/text_summary" in ea.Tags()["tensors"]
+    texts = ea.Tensors("completions/text_summary") if has_table else []
     if texts:
         last = texts[-1]
         rows = last.tensor_proto.string_val[0].decode().splitlines()
@@ -56,7 +57,7 @@ def main(run: Path, png: Path) -> None:
         ax.axis("off")
         ax.set_title(f"completions (text tab), step {last.step}: prompt | completion | reward | correct",
                      loc="left", fontsize=10)
-        shown = [textwrap.shorten(r.replace("<br>", " / ").replace("\\|", "/"), 150) for r in rows[2:9]]
+        shown = [textwrap.shorten(r.replace("<br> |", " |").replace("<br>", " / "), 150) for r in rows[2:9]]
         ax.text(0, 1, "\n".join(shown), va="top", family="monospace", fontsize=7.5, transform=ax.transAxes)
     fig.suptitle(f"{run.name}: scalars read from its TensorBoard event files "
                  f"(faint: raw, bold: smoothed {SMOOTHING})", fontsize=11)
