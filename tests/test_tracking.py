@@ -196,6 +196,18 @@ def test_tiny_pretraining_logs_to_tensorboard_and_its_build_carries_a_card(tmp_p
     assert f"| accuracy | {report['check']['accuracy']:.4g} |" in card and "| tiny |" in card
 
 
+def test_a_resumed_run_replaces_the_steps_logged_after_its_checkpoint(tmp_path):
+    killed = tracking.start(["tensorboard"], tmp_path, stage="rl", config={})
+    for step in (1, 2, 3):  # the checkpoint was at step 2, step 3 was logged before the kill
+        killed.log({"loss": float(step)}, step)
+    killed.finish()
+    resumed = tracking.start(["tensorboard"], tmp_path, stage="rl", config={}, resume_step=2)
+    for step in (3, 4):
+        resumed.log({"loss": 10.0 * step}, step)
+    resumed.finish()
+    assert [(e.step, e.value) for e in events(tmp_path).Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
 # --- wandb offline and trackio local ------------------------------------------------------------------------------
 def test_wandb_runs_offline_into_the_run_directory(tmp_path):
     tracker = tracking.start(["wandb"], tmp_path / "run", stage="rl", config={"algorithm": "grpo"})
