@@ -191,10 +191,8 @@ def sampled_thinking(tok, o, close: str) -> int:
     return sum(o.sampled[:k])
 
 
-@pytest.mark.parametrize("fmt_name", FORMATS)
-def test_thinking_stays_within_bounds_when_sampling(fmt_name):
-    model, tok = nudged_model(fmt_name, eos_strength=6.0)
-    engine, fmt = TorchEngine(model, tok), get_format(fmt_name)
+def check_bounds_when_sampling(engine, tok, fmt) -> None:
+    """Sampled (temperature 1) budget-forced completions keep every bound, and the counts match a recount."""
     budget = Budget(min_thinking_tokens=8, max_thinking_tokens=40, extensions=1, max_answer_tokens=6)
     prompts = [fmt.prompt(p) for p in PROMPTS]
     outs = engine.generate(prompts, Sampling(temperature=1.0, max_tokens=200, seed=1), n=24, budget=budget, fmt=fmt)
@@ -208,3 +206,9 @@ def test_thinking_stays_within_bounds_when_sampling(fmt_name):
         assert sum(o.sampled) <= o.meta["sampled_tokens"] <= 200
     assert len({tuple(o.token_ids) for o in outs}) > 60  # the samples differ
     assert any(o.meta["closes_removed"] for o in outs) and any(o.meta["forced"] for o in outs)
+
+
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_thinking_stays_within_bounds_when_sampling(fmt_name):
+    model, tok = nudged_model(fmt_name, eos_strength=6.0)
+    check_bounds_when_sampling(TorchEngine(model, tok), tok, get_format(fmt_name))

