@@ -88,7 +88,8 @@ class RLConfig(Config):
                                  description="passed to the engine (vllm: gpu_memory_utilization, enforce_eager, ...)")
     seed: int = Field(0, description="seeds data order, sampling and mini-batch order")
     max_steps: int = Field(100, ge=1, description="number of RL steps (one batch of prompts each)")
-    max_minutes: float | None = Field(None, gt=0, description="also stop (evaluated, checkpointed) after this wall time")
+    max_minutes: float | None = Field(None, gt=0, description="also stop (evaluated, checkpointed) after this many "
+                                      "minutes of training (sampling and updates; held-out evaluation not counted)")
     budget: Budget | None = Field(None, description="thinking budget applied to every rollout and evaluation")
 
     # data
@@ -733,15 +734,16 @@ def train(cfg: RLConfig, out: Path, resume: bool = False) -> list[dict]:
         timed = cfg.max_minutes is not None  # then the number of steps is not known in advance
         bar = tqdm(total=None if timed else cfg.max_steps, initial=run.step, file=sys.stderr, dynamic_ncols=True,
                    desc=f"rl {cfg.algorithm}" + (f" (up to {cfg.max_minutes:g} min)" if timed else ""))
-        start = time.perf_counter()
+        trained_s = sum(r["generate_s"] + r["train_s"] for r in run.log.read())  # on resume: the time so far
         for step in range(run.step + 1, cfg.max_steps + 1):
             t0 = time.perf_counter()
-            last = step == cfg.max_steps or (cfg.max_minutes is not None and t0 - start > cfg.max_minutes * 60)
             lr = run.scheduler.get_last_lr()[0]
             generated, rows = rollout(run, step)  # n completions per prompt with the current weights, scored
             t1 = time.perf_counter()
             stats = update(run, rows, step) if rows else {}  # advantages, then ppo_epochs x mini-batches
             t2 = time.perf_counter()
+            trained_s += t2 - t0
+            last = step == cfg.max_steps or (cfg.max_minutes is not None and trained_s >= cfg.max_minutes * 60)
             run.step = step
             budget_stats = {} if cfg.budget_curriculum is None else curriculum_metrics(cfg.budget_curriculum, generated)
             m = {"step": step, **rollout_metrics(generated, cfg.n), **budget_stats, "groups_trained": len(rows) // cfg.n,
