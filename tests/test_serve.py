@@ -25,6 +25,7 @@ from budgetthink.engine import Budget, Sampling
 from budgetthink.errors import UserError
 from budgetthink.formats import get_format
 from budgetthink.serve import create_app
+from budgetthink.serve.http import uvicorn_config
 
 FMT = get_format("tinyzero")
 NAME = "tiny"
@@ -33,14 +34,15 @@ NAME = "tiny"
 class Server:
     """uvicorn serving `app` on a free loopback port, in a background thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, key: str | None = None):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.http = httpx.Client(base_url=self.url, timeout=60)  # one client: making one costs ~0.1 s
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.url, timeout=60, headers=headers)  # one client: making one costs ~0.1 s
 
     def __enter__(self):
         self.thread.start()
@@ -74,15 +76,16 @@ class Gated:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate(self, prompts, *args, **kwargs):
+    def generate(self, prompts, *args, prompt_ids=None, **kwargs):
         self.calls += 1
         self.entered.set()
         assert self.gate.wait(30)
+        prompts = [self.engine.tokenizer.decode(ids) for ids in prompt_ids]
         if any("refuse" in p for p in prompts):  # what an engine does with input it cannot take
             raise UserError("prompt 0 cannot be generated; change it")
         if any("crash" in p for p in prompts):  # an engine bug
             raise RuntimeError("simulated engine failure")
-        return self.engine.generate(prompts, *args, **kwargs)
+        return self.engine.generate(prompts, *args, prompt_ids=prompt_ids, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -259,15 +262,20 @@ def test_unknown_model_and_routes(server):
 
 
 def test_api_key(engine):
-    with Server(create_app(engine, NAME, FMT, api_key="s3cret")) as s:
+    with Server(create_app(engine, NAME, FMT, api_key="s3cret"), key="s3cret") as s:
         body = {"model": NAME, "prompt": "1", "max_tokens": 2}
-        error_of(s.http.post("/v1/completions", json=body), 401)
-        error_of(s.http.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
-        error_of(s.http.post("/v1/completions", content=b"{bad", headers={"Authorization": "Bearer x"}), 401)
+        anonymous = httpx.Client(base_url=s.url, timeout=60)
+        error_of(anonymous.post("/v1/completions", json=body), 401)
+        error_of(anonymous.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+        error_of(anonymous.post("/v1/completions", content=b"{bad", headers={"Authorization": "Bearer x"}), 401)
         with pytest.raises(openai.AuthenticationError):
             s.client("wrong").models.list()
         assert s.client("s3cret").completions.create(**body).choices[0].text is not None
-        assert s.http.get("/health").status_code == 200  # health and metrics need no key
+        assert anonymous.get("/health").status_code == 200  # only the health probe needs no key
+        for path in ("/metrics", "/docs", "/openapi.json", "/redoc"):
+            error_of(anonymous.get(path), 401)
+            assert s.http.get(path).status_code == 200, path
+        anonymous.close()
         assert s.metric('budgetthink_requests_total{route="/v1/completions",status="401"}') == 3
 
 
