@@ -8,7 +8,9 @@ import yaml
 
 from budgetthink.errors import UserError
 from budgetthink.jsonl import append_jsonl, read_jsonl
-from budgetthink.ledger import DEFAULT_PRICES, bill, cost, device_key, load_prices, stage_ledger
+from budgetthink.bill import cost, make_bill
+from budgetthink.ledger import stage_ledger
+from budgetthink.prices import DEFAULT_PRICES, device_key, load_prices
 
 CPU = ("cpu", 2)  # given explicitly: no torch import, no dependence on this machine
 
@@ -105,12 +107,42 @@ def test_checkpoint_lines_then_the_last_line_wins(tmp_path, prices):
         e.add(tokens_generated=10)
     recs = read_jsonl(tmp_path / "ledger.jsonl")
     assert [r["status"] for r in recs] == ["running", "ok"] and recs[0]["id"] == recs[1]["id"]
-    b = bill([tmp_path])
-    assert len(b["lines"]) == 1 and b["lines"][0]["tokens_generated"] == 20
-    # a run killed after its checkpoint still shows on the bill, as unfinished
-    append_jsonl(tmp_path / "ledger.jsonl", {**recs[0], "id": "killed"})
-    statuses = sorted(r["status"] for r in bill([tmp_path])["lines"])
-    assert statuses == ["ok", "running"]
+    b = make_bill([tmp_path])
+    assert len(b["lines"]) == 1 and b["lines"][0]["tokens_generated"] == 20 and b["unfinished"] == []
+
+
+KILLED = """
+import os, signal, sys, time
+from budgetthink.ledger import stage_ledger
+with stage_ledger(sys.argv[1], "sft", device=("cpu", 2)) as e:
+    e.add(tokens_trained=100)
+    time.sleep(0.05)
+    e.checkpoint()
+    e.add(tokens_trained=900)          # work after the checkpoint: lost with the process
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_stage_is_billed_up_to_its_last_checkpoint_and_the_bill_says_so(tmp_path, prices, capsys):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path)], capture_output=True)
+    assert run.returncode == -9  # killed outright: no `finally`, no closing line
+    (rec,) = read_jsonl(tmp_path / "ledger.jsonl")
+    assert rec["status"] == "running" and rec["tokens_trained"] == 100
+    b = make_bill([tmp_path])
+    (line,) = b["lines"]
+    assert line["status"] == "running" and line["tokens_trained"] == 100  # the 900 after it are not billed
+    (u,) = b["unfinished"]
+    assert (u["stage"], u["billed_until"], u["billed_wall_s"]) == ("sft", rec["end"], rec["wall_s"])
+    assert u["billed_wall_s"] >= 0.05 and "no line records it" in u["missing"]
+    # 2 cores x wall at $0.5 per core-hour: the bill prices the checkpointed part, and no more
+    assert line["cost"] == pytest.approx(rec["wall_s"] / 3600 * 2 * 0.5)
+    cost([tmp_path])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"billed up to its last checkpoint at {rec['end']}" in text
+    assert f"after its last checkpoint at {rec['end']}: the time from its last checkpoint" in text
 
 
 def test_bill_total_is_the_sum_of_its_lines(tmp_path, prices):
@@ -121,7 +153,7 @@ def test_bill_total_is_the_sum_of_its_lines(tmp_path, prices):
     append_jsonl(tmp_path / "b" / "deeper" / "ledger.jsonl", [
         line("rl", "NVIDIA H100 80GB HBM3", 8, 3.0),
         line("rl", "cpu", 2, 1.0, api={"other": {"input_tokens": 1, "output_tokens": 1, "reported_cost": 0.25}})])
-    b = bill([tmp_path / "a", tmp_path / "b"])
+    b = make_bill([tmp_path / "a", tmp_path / "b"])
     # by hand: distill 4 core-h x $0.5 + 2M x $1/M + 0.5M x $4/M = 2 + 2 + 2 = 6; sft 10 x $2 = 20;
     # rl 3 x $2 = 6 and 1 x $0.5 + reported $0.25 = 0.75
     costs = {(r["stage"], r["device"]): r["cost"] for r in b["lines"]}
@@ -142,7 +174,7 @@ def test_missing_price_is_unpriced_never_zero(tmp_path, prices, capsys):
         line("sft", "Mystery Accelerator 9000", 4, 1.0),                   # no device price
         line("distill", "cpu", 1, 0.0, api={"unknown-teacher": {"input_tokens": 5, "output_tokens": 5,
                                                                 "reported_cost": None}})])
-    b = bill([tmp_path])
+    b = make_bill([tmp_path])
     by_device = {r["device"]: r for r in b["lines"]}
     mystery, distill = by_device["Mystery Accelerator 9000"], by_device["cpu"]
     assert mystery["cost"] is None and mystery["cost_device"] is None and not mystery["priced"]
@@ -168,7 +200,7 @@ def test_not_on_the_bill_pretraining_and_the_tiny_lineage(tmp_path, prices):
         pass
     with stage_ledger(tmp_path / "rl", "rl", config={"model": str(tiny)}, device=CPU):
         pass
-    b = bill([tmp_path / "rl"])  # only the RL run is named: the bill follows its model to the tiny stage
+    b = make_bill([tmp_path / "rl"])  # only the RL run is named: the bill follows its model to the tiny stage
     assert sorted(r["stage"] for r in b["lines"]) == ["rl", "tiny"]
     assert b["tiny_pretraining_in_bill"] and b["not_on_bill"] == []
 
@@ -176,7 +208,7 @@ def test_not_on_the_bill_pretraining_and_the_tiny_lineage(tmp_path, prices):
         pass
     with stage_ledger(tmp_path / "other", "eval", model="someone/unknown-7b", device=CPU):
         pass
-    b = bill([tmp_path / "big", tmp_path / "other"])
+    b = make_bill([tmp_path / "big", tmp_path / "other"])
     facts = {f["model"]: f for f in b["not_on_bill"]}
     qwen = facts["Qwen/Qwen2.5-32B-Instruct"]
     assert qwen["tokens"] == 18e12 and qwen["compute"] is None and "2412.15115" in qwen["source"]
@@ -198,14 +230,14 @@ def test_price_overrides_and_bad_inputs(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not found"):
         load_prices(tmp_path / "missing.yaml")
     with pytest.raises(UserError, match="no ledger.jsonl"):
-        bill([tmp_path])
+        make_bill([tmp_path])
     with pytest.raises(UserError, match="no such file"):
-        bill([tmp_path / "nowhere"])
+        make_bill([tmp_path / "nowhere"])
 
 
 def test_a_reported_api_cost_after_an_unpriced_model_keeps_the_line_unpriced(tmp_path, prices):
     api = {"unknown-teacher": {"input_tokens": 5, "output_tokens": 5, "reported_cost": None},
            "router": {"input_tokens": 5, "output_tokens": 5, "reported_cost": 0.5}}
     append_jsonl(tmp_path / "ledger.jsonl", line("distill", "cpu", 1, 2.0, api=api))
-    (r,) = bill([tmp_path])["lines"]
+    (r,) = make_bill([tmp_path])["lines"]
     assert r["cost_api"] is None and r["cost"] is None and r["cost_device"] == pytest.approx(1.0)

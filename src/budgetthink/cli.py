@@ -276,9 +276,9 @@ def cost(run_dirs: Annotated[list[Path], typer.Argument(help="Run directories ho
          as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
          prices: Annotated[Path | None, typer.Option(help="YAML price table overriding the defaults.")] = None):
     """The bill: every stage's cost, priced and unpriced lines, and what it leaves out."""
-    from budgetthink import ledger
+    from budgetthink.bill import cost as print_bill
 
-    ledger.cost(run_dirs, as_json=as_json, prices=prices)
+    print_bill(run_dirs, as_json=as_json, prices=prices)
 
 
 @runs_app.command("compare")
@@ -294,21 +294,25 @@ def runs_compare(run_dirs: Annotated[list[Path], typer.Argument(help="Run direct
 
 
 @app.command()
-def estimate(recipe: Annotated[Path, typer.Option(help="Recipe YAML (sft or rl).")],
+def estimate(recipe: Annotated[Path, typer.Option(help="Recipe YAML (sft, rl or distill).")],
              gpu: Annotated[str, typer.Option(help="GPU kind from the price table, e.g. h100.")] = "h100",
              gpus: Annotated[int, typer.Option(help="Number of GPUs.")] = 1,
-             mfu: Annotated[float, typer.Option(help="Model FLOPs utilisation assumed for training.")] = 0.4,
+             mfu: Annotated[float, typer.Option(help="Utilisation assumed for training: the share of the dense "
+                                                    "bf16 peak sustained on the counted FLOPs.")] = 0.4,
              gen_mfu: Annotated[float | None, typer.Option(help="Utilisation assumed for generation.")] = None,
+             activation_checkpointing: Annotated[bool | None, typer.Option(
+                 help="Count one recomputed forward per step (default: the recipe's gradient_checkpointing).")] = None,
+             seq_len: Annotated[float | None, typer.Option(help="Override: tokens per sequence for attention.")] = None,
              tokens: Annotated[float | None, typer.Option(help="Override: tokens trained.")] = None,
              gen_tokens: Annotated[float | None, typer.Option(help="Override: tokens generated.")] = None,
              params: Annotated[float | None, typer.Option(help="Override: model parameters.")] = None,
              prices: Annotated[Path | None, typer.Option(help="YAML price table overriding the defaults.")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
-    """Project wall time, GPU-hours and dollars for a recipe at full scale."""
-    from budgetthink import ledger
+    """Project wall time, GPU-hours and dollars for a recipe at full scale, from the FLOPs it implies."""
+    from budgetthink.estimate import estimate as project
 
-    ledger.estimate(recipe, gpu=gpu, gpus=gpus, mfu=mfu, tokens=tokens, gen_tokens=gen_tokens, params=params,
-                    gen_mfu=gen_mfu, prices=prices, as_json=as_json)
+    project(recipe, prices=prices, as_json=as_json, gpu=gpu, gpus=gpus, mfu=mfu, gen_mfu=gen_mfu, tokens=tokens,
+            gen_tokens=gen_tokens, params=params, activation_checkpointing=activation_checkpointing, seq_len=seq_len)
 
 
 @export_app.command("verl")

@@ -87,7 +87,8 @@ def _recipe(name: str) -> Path:
 
 
 def run(out: Path, quick: bool = False, preset: str | None = None, cache_dir: Path | None = None) -> dict:
-    from budgetthink import evaluate, ledger, tiny
+    from budgetthink import evaluate, tiny
+    from budgetthink.bill import cost, make_bill
     from budgetthink.config import load_config
     from budgetthink.data.curate import curate
     from budgetthink.data.distill import distill
@@ -136,8 +137,8 @@ def run(out: Path, quick: bool = False, preset: str | None = None, cache_dir: Pa
         models, "countdown", s.eval_n, seed=7, budgets=s.budgets, samples=s.samples, out=out / "eval",
         task_options={"split": "test"}, command=" ".join(["budgetthink", *sys.argv[1:]]))["summary"]})
 
-    bill = ledger.bill([out])
-    ledger.cost([out])
+    bill = make_bill([out])
+    cost([out])
     atomic_write_json(out / "bill.json", bill)
     page = report(out, bill)
     _say(f"report: {page}")

@@ -106,7 +106,8 @@ STAGES = {"rl": _rl, "sft": _sft, "tiny": _tiny}
 
 # --- the bill ------------------------------------------------------------------------------------------------------
 def _bill(run: Path) -> str:
-    from budgetthink.ledger import LEDGER_FILE, bill
+    from budgetthink.bill import make_bill as bill
+    from budgetthink.ledger import LEDGER_FILE
 
     if not (run / LEDGER_FILE).is_file():
         return "No ledger.jsonl in the run directory."

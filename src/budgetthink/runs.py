@@ -23,7 +23,8 @@ METRICS = ["reward_mean", "accuracy", "eval_accuracy", "response_len_mean", "kl"
 
 def load(run: Path) -> dict:
     """A run's records (step 0's held-out evaluation first when there is one), kind and own bill."""
-    from budgetthink.ledger import LEDGER_FILE, bill
+    from budgetthink.bill import make_bill as bill
+    from budgetthink.ledger import LEDGER_FILE
 
     run = Path(run)
     if not (run / "metrics.jsonl").is_file():
