@@ -259,16 +259,34 @@ def eval_(model: Annotated[list[str], typer.Option(help="Model directory (repeat
 def serve(model: Annotated[str, typer.Option(help="Model directory.")],
           host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="Port.")] = 8000,
-          api_key: Annotated[str | None, typer.Option(help="Require this bearer key.")] = None,
+          api_key_file: Annotated[Path | None, typer.Option(help="Require the bearer key on this file's first line "
+                                                        "(or set BUDGETTHINK_API_KEY).")] = None,
+          api_key: Annotated[str | None, typer.Option(help="Require this bearer key (visible in ps: prefer "
+                                                      "--api-key-file).")] = None,
           max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 32,
           max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond it 429.")] = 256,
+          max_messages: Annotated[int, typer.Option(help="Most chat messages in one request.")] = 256,
+          max_prompt_chars: Annotated[int | None, typer.Option(help="Most prompt characters in one request "
+                                                           "(default 16 x the context).")] = None,
+          max_prompt_tokens: Annotated[int | None, typer.Option(help="Most prompt tokens in one request "
+                                                            "(default 4 x the context).")] = None,
+          max_body_bytes: Annotated[int | None, typer.Option(help="Largest request body.")] = None,
+          request_timeout: Annotated[float, typer.Option(help="Seconds a request may take; then 504.")] = 600.0,
+          header_timeout: Annotated[float, typer.Option(help="Seconds to send the headers; then closed.")] = 10.0,
+          body_timeout: Annotated[float, typer.Option(help="Seconds to send the body; then 408.")] = 30.0,
+          allow_special_tokens: Annotated[bool, typer.Option(help="Encode control-token strings in user text as "
+                                                         "control tokens.")] = False,
           engine: Annotated[str, typer.Option(help="torch or vllm.")] = "torch", format: Format = "tinyzero",
           out: Annotated[Path | None, typer.Option(help="Record the session in OUT/ledger.jsonl on shutdown.")] = None):
     """OpenAI-compatible API with thinking budgets (max_thinking_tokens, min_thinking_tokens, thinking_extensions)."""
     from budgetthink.serve import run
+    from budgetthink.serve.http import resolve_api_key
 
-    run(model, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue, engine=engine,
-        fmt=format, out=str(out) if out else None)
+    key = resolve_api_key(api_key, str(api_key_file) if api_key_file else None)
+    run(model, host=host, port=port, api_key=key, engine=engine, fmt=format, out=str(out) if out else None,
+        max_batch=max_batch, max_queue=max_queue, max_messages=max_messages, max_prompt_chars=max_prompt_chars,
+        max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes, request_timeout=request_timeout,
+        header_timeout=header_timeout, body_timeout=body_timeout, allow_special_tokens=allow_special_tokens)
 
 
 @app.command()

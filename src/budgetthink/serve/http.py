@@ -145,3 +145,30 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, **kwargs):
     config = app.state.config
     return uvicorn.Config(app, host=host, port=port, http=deadline_protocol(config.header_timeout),
                           timeout_keep_alive=5, **kwargs)
+
+
+def resolve_api_key(api_key: str | None = None, api_key_file: str | None = None, env: dict | None = None) -> str | None:
+    """The key to require: `--api-key-file` (its first line), else `BUDGETTHINK_API_KEY`, else `--api-key` (which
+    other users of the machine can read in `ps`); None serves without a key."""
+    import os
+    from pathlib import Path
+
+    from budgetthink.errors import UserError
+
+    env = os.environ if env is None else env
+    if api_key is not None and api_key_file is not None:
+        raise UserError("give the API key once: --api-key-file or --api-key, not both")
+    if api_key_file is not None:
+        path = Path(api_key_file)
+        if not path.is_file():
+            raise UserError(f"--api-key-file {path}: no such file; write the key into it (one line)")
+        lines = path.read_text().splitlines()
+        api_key = lines[0].strip() if lines else ""
+        if not api_key:
+            raise UserError(f"--api-key-file {path}: the file is empty; write the key on its first line")
+        return api_key
+    if api_key is None and env.get("BUDGETTHINK_API_KEY"):
+        return env["BUDGETTHINK_API_KEY"].strip()
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty; give a key, or leave the option out to serve without one")
+    return api_key
