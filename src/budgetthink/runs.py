@@ -108,11 +108,12 @@ def _print(table: list[dict], metrics: list[str], png: str) -> None:
     fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
     t = Table(title="runs compared (last logged value of each metric)")
     for col in ["run", "kind", "steps", *metrics, "wall", "cost"]:
-        t.add_column(col, justify="left" if col in ("run", "kind") else "right")
+        t.add_column(col, justify="left" if col in ("run", "kind") else "right", no_wrap=col == "run")
     for row in table:
         wall = "-" if row["wall_s"] is None else f"{row['wall_s'] / 60:.1f} min"
         cost = "-" if row["wall_s"] is None else "unpriced" if row["cost"] is None else f"${row['cost']:.2f}"
         t.add_row(row["run"], row["kind"], str(row["steps"]), *[fmt(row[m]) for m in metrics], wall, cost)
-    console = Console(width=max(120, 16 * (len(metrics) + 5)))
+    longest = max(len(row["run"]) for row in table)
+    console = Console(width=max(120, longest + 16 * (len(metrics) + 4)))  # a run's path is never cut
     console.print(t)
     console.print(f"plot: {png}")
