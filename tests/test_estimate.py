@@ -90,6 +90,10 @@ def test_steps_and_the_published_comparison_by_hand(tmp_path, capsys):
     assert pub["s_per_step_published"] == pytest.approx(0.01 * 3600 / 2 / 14)  # 1.2857 s
     assert pub["s_per_step_estimated"] == pytest.approx(12.1358950859454 / 14, rel=1e-9)
     assert pub["tokens_per_step"] == pytest.approx(2e6 / 14)
+    # 14 steps x 16 sequences of L tokens at 3 L (2e9 + 40 (L + 1)) FLOPs each cost the published 0.01 GPU-hours
+    length = pub["seq_len_that_matches"]
+    assert 3 * length * (2e9 + 40 * (length + 1)) * 14 * 16 / (989e12 * 0.5) / 3600 == pytest.approx(0.01, rel=1e-9)
+    assert pub["seq_len_that_matches_over_mean"] == pytest.approx(length / 10_000)
     assert "estimate / published = 0.67" in " ".join(capsys.readouterr().out.split())
     # GPU-hours do not depend on the GPU count in a FLOP model, so neither does the ratio
     assert estimate(write(tmp_path, recipe), gpu="h100", gpus=16, mfu=0.5)["published"][
@@ -218,6 +222,13 @@ def test_against_s1_published_figures(capsys):
     assert full["steps"] == 18_450  # ceil(59,029 / 16) = 3,690 a epoch
     assert full["published"]["estimate_over_published"] == pytest.approx(196.3738334511628 / 394, rel=1e-9)  # 0.498
     assert full["published"]["s_per_step_published"] == pytest.approx(394 * 3600 / 16 / 18_450)  # 4.80 s
+    # the length at which 16 sequences a step match: 7,251 tokens for s1K (1.54 x its mean), 6,986 for 59K (1.94 x)
+    for r, published in ((s1k, 7), (full, 394)):
+        length = r["published"]["seq_len_that_matches"]
+        per_sequence = 4 * length * (2 * 31_721_432_320 + 2 * 64 * 5120 * (length + 1))
+        assert per_sequence * r["steps"] * 16 / (16 * 989e12 * 0.4) * 16 / 3600 == pytest.approx(published, rel=1e-9)
+    assert s1k["published"]["seq_len_that_matches"] == pytest.approx(7251.2, abs=0.1)
+    assert full["published"]["seq_len_that_matches"] == pytest.approx(6986.0, abs=0.1)
 
 
 def test_sft_recipe_of_the_project_if_present():

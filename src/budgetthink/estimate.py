@@ -35,7 +35,9 @@ fraction of the peak the GPUs sustain on the FLOPs counted here. As the count in
 it is what PaLM calls hardware FLOPs utilisation. GPU-hours do not depend on the GPU count in this model. Not
 counted: softmax, norms and other elementwise work, padding, communication, waiting for the longest sequence of
 a step, data loading, evaluation, checkpoints, start-up. A recipe may carry the published cost of the run it
-describes (`estimate.published`); the estimate then reports estimate / published and the arithmetic behind it.
+describes (`estimate.published`); the estimate then reports estimate / published and the arithmetic behind it:
+seconds per step both ways and, for SFT, the sequence length at which every sequence of every step would cost
+the published figure (a step with one sequence per GPU lasts as long as its longest sequence).
 docs/cost.md has the derivation and the comparison with s1's published figures.
 
 Recipe keys it reads (plain YAML; the first key found wins):
@@ -313,6 +315,18 @@ def _vs_published(recipe: dict, result: dict) -> dict | None:
         out["s_per_step_published"] = published * 3600 / float(pub["gpus"]) / steps
         out["s_per_step_estimated"] = result["gpu_hours"] * 3600 / float(pub["gpus"]) / steps
         out["tokens_per_step"] = result["tokens_trained"] / steps
+    if steps and result.get("batch_size") and result["stage"] == "sft":
+        # Each GPU holding one sequence waits for the step's longest: solve for the length L at which
+        # steps x batch sequences of L tokens cost the published GPU-hours at the same utilisation,
+        # k L (2N + a (L + 1)) per sequence with a = 2 layers d and k = 3 (4 with checkpointing).
+        k = 4 if result["activation_checkpointing"] else 3
+        a = 2 * result["layers"] * result["attention_width"]
+        per_sequence = published * 3600 * float(result["peak_bf16_tflops"]) * 1e12 * result["mfu"] / (
+            steps * float(result["batch_size"]))
+        qa, qb = k * a, k * (2 * result["params"] + a)
+        length = per_sequence / qb if qa == 0 else (math.sqrt(qb * qb + 4 * qa * per_sequence) - qb) / (2 * qa)
+        out["seq_len_that_matches"] = length
+        out["seq_len_that_matches_over_mean"] = length / result["seq_len"] if result["seq_len"] else None
     return out
 
 
@@ -439,6 +453,10 @@ def estimate(recipe_path: str | Path, *, prices: str | Path | None = None, as_js
         if "s_per_step_published" in pub:
             t.add_row("seconds per step", f"{pub['s_per_step_estimated']:.2f} estimated, "
                                           f"{pub['s_per_step_published']:.2f} published")
+        if pub.get("seq_len_that_matches"):
+            t.add_row("length that matches", f"{pub['seq_len_that_matches']:,.0f} tokens per sequence would cost "
+                                             f"the published figure ({pub['seq_len_that_matches_over_mean']:.2f} x "
+                                             "the mean): each step waits for its longest sequence")
     con = Console()
     con.print(t)
     con.print(f"Price source: {dev.get('source')}")
