@@ -425,8 +425,8 @@ def estimate(recipe_path: str | Path, *, prices: str | Path | None = None, as_js
                          "; no activation checkpointing"),
             f"each GPU sustains {s.mfu:.0%} of its dense bf16 peak on these FLOPs while training"
             + (f", {gen_mfu:.0%} while generating" if gen else ""),
-            "not counted: elementwise work, padding, communication, waiting for a step's longest sequence, data "
-            "loading, checkpoints, evaluation, start-up"],
+            ("not counted: elementwise work, padding, communication, waiting for a step's longest sequence, "
+             "data loading, checkpoints, evaluation, start-up")],
     }
     result["published"] = _vs_published(recipe, result)
     if as_json:
