@@ -300,3 +300,89 @@ def test_prefix_attention_equals_softmax_over_prefix_and_own_keys(dtype):
         want = torch.softmax(q[b] @ keys.transpose(-1, -2) * 0.3, -1) @ values  # [Hkv, G, D]
         tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
         assert torch.allclose(got[b], want, atol=tol), (b, (got[b] - want).abs().max())
+
+
+# --- the rule core over several tokens at once (how the vLLM engine calls it) ---------------------------------------
+def scripted_model(tok, fmt, salt: int):
+    """A stand-in model: the next token is a deterministic function of the sequence. It writes the format's
+    closing delimiter now and then (token by token, usually to the end, for `</think>` also as its characters)
+    and end-of-text, so every rule fires."""
+    import random
+
+    scripts = [tok.encode(fmt.think_close, add_special_tokens=False)]
+    if fmt.think_close == "</think>":
+        scripts.append([tok.convert_tokens_to_ids(c) for c in "</think>"])
+    plain = tok.encode("abc 12+=*", add_special_tokens=False)
+
+    def next_token(seq: list[int]) -> int:
+        rnd = random.Random(hash((salt, len(seq), tuple(seq[-6:]))))
+        for script in scripts:  # go on with a delimiter being written
+            for k in range(min(len(script) - 1, len(seq)), 0, -1):
+                if seq[-k:] == script[:k] and rnd.random() < 0.9:
+                    return script[k]
+        u = rnd.random()
+        return rnd.choice(scripts)[0] if u < 0.06 else tok.eos_token_id if u < 0.09 else rnd.choice(plain)
+
+    return next_token
+
+
+def drive(tok, fmt, budget, sampling, prompts, next_token, windows, context: int):
+    """Decode `prompts` with Forcing alone: each round every live row samples up to windows() tokens (at most
+    Forcing.room, stopping after an end-of-text, as a vLLM round does) and Forcing.advance takes them all."""
+    from budgetthink.budget import Forcing
+
+    B = len(prompts)
+    forcing = Forcing(tok, fmt, budget, sampling, [tok.eos_token_id], rows=B, vocab=len(tok), device="cpu",
+                      context=context)
+    plen = torch.tensor([len(p) for p in prompts])
+    start = forcing.start_ids(plen)
+    outs, sampled = [list(start) for _ in prompts], [[False] * len(start) for _ in prompts]
+    while bool(forcing.live.any()):
+        new = torch.zeros(B, dtype=torch.long)
+        for r in forcing.live.nonzero().flatten().tolist():
+            room = forcing.room(r, len(outs[r]), len(prompts[r]))
+            assert room >= 1  # a live row can always sample
+            for _ in range(min(windows(), room)):
+                x = next_token(prompts[r] + outs[r])
+                outs[r].append(x)
+                sampled[r].append(True)
+                new[r] += 1
+                if x == tok.eos_token_id:
+                    break
+        width = max(map(len, outs))
+        buf = torch.tensor([o + [0] * (width - len(o)) for o in outs])
+        for r, (drop, ins) in forcing.advance(buf, torch.tensor([len(o) for o in outs]), new, plen).items():
+            del outs[r][len(outs[r]) - drop:], sampled[r][len(sampled[r]) - drop:]
+            outs[r] += ins
+            sampled[r] += [False] * len(ins)
+    return [(outs[r], sampled[r], forcing.counts(r)) for r in range(B)]
+
+
+@pytest.mark.parametrize("fmt_name", ["tinyzero", "s1", "r1"])
+def test_advance_over_many_tokens_equals_one_at_a_time(model_tok, fmt_name):
+    """Forcing.advance given a round of k tokens per row (the vLLM engine) gives exactly what it gives fed one
+    token per step (the torch engine, checked against the naive reference in test_budget_exact): outputs,
+    inserted flags, counts, finish reasons, for every budget kind, stop strings, and a context cap."""
+    import random
+
+    tok = model_tok[1]
+    fmt = get_format(fmt_name)
+    prompts = [tok.encode(fmt.prompt(p)) for p in ("3 5 7 -> 22\n", "12+7=", "Using the numbers [1, 2], make 3.\n")]
+    budgets = [None, Budget(max_thinking_tokens=12, max_answer_tokens=6), Budget(min_thinking_tokens=20),
+               Budget(extensions=2, extension_string=" Hmm,", max_answer_tokens=9),
+               Budget(min_thinking_tokens=8, max_thinking_tokens=30, extensions=1, answer_prefix="A: "),
+               Budget(max_thinking_tokens=0, max_answer_tokens=5)]
+    seen = set()
+    for salt in range(4):
+        next_token = scripted_model(tok, fmt, salt)
+        for budget in budgets:
+            for sampling in (Sampling(max_tokens=70), Sampling(max_tokens=90, stop=["2+", "zz"])):
+                for context in (1024, 80):
+                    want = drive(tok, fmt, budget, sampling, prompts, next_token, lambda: 1, context)
+                    rnd = random.Random(salt)
+                    got = drive(tok, fmt, budget, sampling, prompts, next_token, lambda: rnd.randint(0, 12), context)
+                    assert got == want, (fmt_name, salt, budget, sampling, context)
+                    seen |= {c["meta"]["stopped_by"] for _, _, c in want}
+                    seen |= {"forced" for _, _, c in want if c["meta"]["forced"]}
+                    seen |= {"removed" for _, _, c in want if c["meta"]["closes_removed"]}
+    assert {"eos", "stop_string", "max_tokens", "max_answer_tokens", "context", "forced", "removed"} <= seen, seen

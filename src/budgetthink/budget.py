@@ -272,8 +272,9 @@ class Forcing:
         at = lambda v: torch.tensor([v], device=dev)
         for code, left in self._rooms(at(r), at(length), at(prompt_len)):
             if int(left[0]) <= 0 and int(self.stopped_by[r]) == LIVE:
-                if code == FORCE:
-                    return self._force(r, length)
+                if code == FORCE:  # the naive loop goes round again: the forced ids may fill the context
+                    ids = self._force(r, length)
+                    return ids + self._caps(r, length + len(ids), prompt_len)
                 self.stopped_by[r] = code
         return []
 
