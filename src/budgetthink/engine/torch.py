@@ -56,6 +56,9 @@ from budgetthink.errors import UserError
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 ATTENTION = "budgetthink_rows"
+# below this temperature sampling is greedy: logits / T would overflow to inf (then NaN), and the distribution is
+# one-hot to float precision long before that
+GREEDY_BELOW = 1e-5
 
 
 def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, row_cache=None, **kwargs):
@@ -235,7 +238,7 @@ class RowCache(Cache):
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None):
     """logits [B, V] (float32 or float64) -> (tokens [B], log-probs [B] under the distribution sampled from)."""
-    if sampling.temperature == 0:
+    if sampling.temperature < GREEDY_BELOW:
         x = logits.argmax(-1)
         return x, logits.log_softmax(-1).gather(-1, x[:, None])[:, 0]
     logits = logits / sampling.temperature
