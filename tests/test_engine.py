@@ -255,7 +255,7 @@ def test_budget_bounds_are_validation_errors(field):
         with pytest.raises(ValidationError) as e:
             Budget(**{field: bad})
         err = explain(Budget, e.value, "budget flags")
-        assert field in str(err) and "less than or equal to" in str(err) and "\n" not in str(err)
+        assert f"{field}: must be <= {TOKENS_MAX}" in str(err) and "\n" not in str(err)
     assert getattr(Budget(**{field: TOKENS_MAX}), field) == TOKENS_MAX
 
 

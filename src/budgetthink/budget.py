@@ -70,7 +70,8 @@ thinking was forced (maximum reached, or end-of-text replaced); else "length" wh
 """
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 
 from budgetthink.errors import UserError
 
@@ -98,17 +99,26 @@ class Budget(BaseModel):
     answer_prefix: str = Field("", description="appended after a forced end of thinking, before the answer")
     max_answer_tokens: int = Field(64, ge=1, le=TOKENS_MAX, description="cap on sampled answer tokens after thinking ends")
 
-    @model_validator(mode="after")
-    def _min_within_max(self):
-        if self.max_thinking_tokens is not None and self.min_thinking_tokens > self.max_thinking_tokens:
-            raise ValueError(f"min_thinking_tokens ({self.min_thinking_tokens}) is above "
-                             f"max_thinking_tokens ({self.max_thinking_tokens}); lower the minimum or raise the maximum")
-        return self
+    @field_validator("min_thinking_tokens")
+    @classmethod
+    def _min_within_max(cls, v: int, info: ValidationInfo) -> int:
+        top = info.data.get("max_thinking_tokens")  # validated first (declared first); absent if it failed
+        if top is not None and v > top:
+            raise ValueError(f"min_thinking_tokens ({v}) is above max_thinking_tokens ({top}); "
+                             "lower the minimum or raise the maximum")
+        return v
 
     @property
     def active(self) -> bool:
         """Whether it enforces anything (a maximum, a minimum or extensions); an inactive one is no budget."""
         return self.max_thinking_tokens is not None or self.min_thinking_tokens > 0 or self.extensions > 0
+
+
+def budget_field(name: str, **limits) -> FieldInfo:
+    """Budget's field `name` (default, bounds, description) for a model that carries it under another name or
+    with tighter `limits` (Field keywords), e.g. the server's request: declared here once, used there."""
+    info = Budget.model_fields[name]
+    return FieldInfo.merge_field_infos(info, Field(**limits)) if limits else info
 
 
 def enforced(budget: Budget | None) -> Budget | None:

@@ -46,11 +46,12 @@ TaskOpt = Annotated[str, typer.Option("--task", help="Task: countdown, multiply 
 TaskOptions = Annotated[list[str] | None, typer.Argument(help="Task options key=value, e.g. num_numbers=4 split=test.")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Config overrides key=value (dotted keys nest).")]
 MaxThink = Annotated[int | None, typer.Option("--max-thinking-tokens", help="Force the end of thinking after this many sampled tokens.")]
-MinThink = Annotated[int, typer.Option("--min-thinking-tokens", help="Suppress the end of thinking until this many sampled tokens.")]
-Extensions = Annotated[int, typer.Option("--extensions", help="Ignore the end of thinking N times, appending the extension string.")]
-ExtString = Annotated[str, typer.Option("--extension-string", help="Appended when an end of thinking is suppressed.")]
-AnsPrefix = Annotated[str, typer.Option("--answer-prefix", help="Appended after a forced end of thinking.")]
-MaxAnswer = Annotated[int, typer.Option("--max-answer-tokens", help="Cap on answer tokens after thinking.")]
+# the budget flags' defaults (None here) are Budget's (budgetthink.budget), the one place they are set
+MinThink = Annotated[int | None, typer.Option("--min-thinking-tokens", help="Suppress the end of thinking until this many sampled tokens.")]
+Extensions = Annotated[int | None, typer.Option("--extensions", help="Ignore the end of thinking N times, appending the extension string.")]
+ExtString = Annotated[str | None, typer.Option("--extension-string", help="Appended when an end of thinking is suppressed.")]
+AnsPrefix = Annotated[str | None, typer.Option("--answer-prefix", help="Appended after a forced end of thinking.")]
+MaxAnswer = Annotated[int | None, typer.Option("--max-answer-tokens", help="Cap on answer tokens after thinking.")]
 Format = Annotated[str, typer.Option("--format", help="Think format: tinyzero, s1 or r1.")]
 ReportTo = Annotated[str | None, typer.Option("--report-to", help="Experiment trackers to log to as the run goes: none, "
                                               "tensorboard, wandb (offline), trackio; several: tensorboard,wandb.")]
@@ -68,16 +69,15 @@ def _print_json(obj) -> None:
     print(json.dumps(obj))
 
 
-def _budget(max_thinking_tokens, min_thinking_tokens, extensions, extension_string, answer_prefix, max_answer_tokens):
+def _budget(**flags):
+    """The Budget of the budget flags given (the others keep Budget's defaults); None when it enforces nothing."""
     from pydantic import ValidationError
 
+    from budgetthink.budget import Budget, enforced
     from budgetthink.config import explain
-    from budgetthink.engine import Budget
 
     try:
-        return Budget(max_thinking_tokens=max_thinking_tokens, min_thinking_tokens=min_thinking_tokens,
-                      extensions=extensions, extension_string=extension_string, answer_prefix=answer_prefix,
-                      max_answer_tokens=max_answer_tokens)
+        return enforced(Budget(**{k: v for k, v in flags.items() if v is not None}))
     except ValidationError as e:
         raise explain(Budget, e, "budget flags") from None
 
@@ -107,8 +107,8 @@ def generate(model: Annotated[str, typer.Option(help="Model directory.")], task:
              top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")] = 0,
              max_tokens: Annotated[int, typer.Option(help="Cap on sampled tokens per completion.")] = 512,
              format: Format = "tinyzero", as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sample.")] = False,
-             max_thinking_tokens: MaxThink = None, min_thinking_tokens: MinThink = 0, extensions: Extensions = 0,
-             extension_string: ExtString = "Wait", answer_prefix: AnsPrefix = "", max_answer_tokens: MaxAnswer = 64,
+             max_thinking_tokens: MaxThink = None, min_thinking_tokens: MinThink = None, extensions: Extensions = None,
+             extension_string: ExtString = None, answer_prefix: AnsPrefix = None, max_answer_tokens: MaxAnswer = None,
              options: TaskOptions = None):
     """Sample completions for a task's problems (optionally budget-forced) and score them."""
     from pydantic import ValidationError
@@ -117,13 +117,14 @@ def generate(model: Annotated[str, typer.Option(help="Model directory.")], task:
     from budgetthink.engine import Sampling
     from budgetthink.generate import run
 
-    budget = _budget(max_thinking_tokens, min_thinking_tokens, extensions, extension_string, answer_prefix,
-                     max_answer_tokens)
+    budget = _budget(max_thinking_tokens=max_thinking_tokens, min_thinking_tokens=min_thinking_tokens,
+                     extensions=extensions, extension_string=extension_string, answer_prefix=answer_prefix,
+                     max_answer_tokens=max_answer_tokens)
     try:
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
     except ValidationError as e:
         raise explain(Sampling, e, "sampling flags") from None
-    run(model, task, n, seed, budget if budget.active else None, sampling, fmt=format, json_out=as_json,
+    run(model, task, n, seed, budget, sampling, fmt=format, json_out=as_json,
         task_options=_options(options), samples=samples)
 
 
@@ -191,8 +192,8 @@ def distill(task: TaskOpt, teacher: Annotated[str, typer.Option(help="solver, mo
             temperature: Annotated[float, typer.Option(help="Sampling temperature (model teachers).")] = 0.0,
             max_tokens: Annotated[int, typer.Option(help="Cap on sampled tokens per trace.")] = 1024,
             format: Format = "tinyzero",
-            max_thinking_tokens: MaxThink = None, min_thinking_tokens: MinThink = 0, extensions: Extensions = 0,
-            extension_string: ExtString = "Wait", answer_prefix: AnsPrefix = "", max_answer_tokens: MaxAnswer = 64,
+            max_thinking_tokens: MaxThink = None, min_thinking_tokens: MinThink = None, extensions: Extensions = None,
+            extension_string: ExtString = None, answer_prefix: AnsPrefix = None, max_answer_tokens: MaxAnswer = None,
             stated_budgets: Annotated[str | None, typer.Option(
                 help="Solver teacher: write each trace under a thinking budget drawn from this list (e.g. "
                      "16,32,64,128); sft states it in the prompt.")] = None,
@@ -202,8 +203,9 @@ def distill(task: TaskOpt, teacher: Annotated[str, typer.Option(help="solver, mo
     from budgetthink.engine import Sampling
     from budgetthink.evaluate import parse_ints
 
-    budget = _budget(max_thinking_tokens, min_thinking_tokens, extensions, extension_string, answer_prefix,
-                     max_answer_tokens)
+    budget = _budget(max_thinking_tokens=max_thinking_tokens, min_thinking_tokens=min_thinking_tokens,
+                     extensions=extensions, extension_string=extension_string, answer_prefix=answer_prefix,
+                     max_answer_tokens=max_answer_tokens)
     _print_json(run(task, teacher, n, out, seed=seed, budget=budget,
                     sampling=Sampling(temperature=temperature, max_tokens=max_tokens), model_name=model_name,
                     concurrency=concurrency, api_key_env=api_key_env, price_in=price_in, price_out=price_out,

@@ -10,7 +10,7 @@ type names the key and the expected type. Both are `UserError`s: one line, exit 
 import difflib
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -19,6 +19,8 @@ from budgetthink.errors import UserError
 
 C = TypeVar("C", bound=BaseModel)
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+          "less_than": ("<", "lt")}  # pydantic's bound errors: (sign, key of the bound in the error's ctx)
 
 
 class Config(BaseModel):
@@ -65,6 +67,7 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
         field = cls.model_fields.get(part) if isinstance(part, str) else None
         ann = getattr(field, "annotation", None) if field else None
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)  # X | None
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             cls = ann
         else:
@@ -86,6 +89,9 @@ def explain(cls: type[BaseModel], err: ValidationError, source: str) -> UserErro
     if e["type"] == "missing":
         return UserError(f"{source}: missing required key {key!r}")
     msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] in BOUNDS:  # pydantic's "Input should be greater than or equal to 0", said shortly
+        sign, name = BOUNDS[e["type"]]
+        msg = f"must be {sign} {e['ctx'][name]}"
     got = e.get("input")
     shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
     return UserError(f"{source}: {key + ': ' if key else ''}{msg}{shown}")

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from budgetthink.budget import budget_field
+
 INT32 = 2**31 - 1  # bound of the token counts: far beyond any context, and it fits the engine's tensors
 
 
@@ -38,14 +40,13 @@ class CommonRequest(BaseModel):
     stream: StrictBool = Field(False, description="send server-sent events")
     stream_options: StreamOptions | None = Field(None, description="streaming options")
     user: StrictStr | None = Field(None, max_length=256, description="end-user id (accepted, unused)")
-    # thinking budget (extra body fields)
-    max_thinking_tokens: StrictInt | None = Field(None, ge=0, le=INT32,
-                                                  description="force the end of thinking after this many sampled tokens")
-    min_thinking_tokens: StrictInt = Field(0, ge=0, le=INT32,
-                                           description="suppress the end of thinking until this many sampled tokens")
-    thinking_extensions: StrictInt = Field(0, ge=0, le=64, description="ignore the end of thinking this many times")
-    extension_string: StrictStr = Field("Wait", max_length=256, description="appended when an end of thinking is suppressed")
-    answer_prefix: StrictStr = Field("", max_length=256, description="appended after a forced end of thinking")
+    # thinking budget (extra body fields): Budget's fields (default, bounds, description), strict, with the
+    # server's tighter limits; Budget's `extensions` is the API's `thinking_extensions`
+    max_thinking_tokens: StrictInt | None = budget_field("max_thinking_tokens")
+    min_thinking_tokens: StrictInt = budget_field("min_thinking_tokens")
+    thinking_extensions: StrictInt = budget_field("extensions", le=64)
+    extension_string: StrictStr = budget_field("extension_string", max_length=256)
+    answer_prefix: StrictStr = budget_field("answer_prefix", max_length=256)
 
 
 class TextPart(BaseModel):

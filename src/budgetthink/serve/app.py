@@ -180,10 +180,6 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, **setti
             raise APIError(400, f"{name}: {prompt_tokens} prompt tokens + {max_tokens} completion tokens exceed the "
                                 f"model's context of {ctx}; lower {name} to at most {ctx - prompt_tokens}",
                            param=name, code="context_length_exceeded")
-        if req.max_thinking_tokens is not None and req.min_thinking_tokens > req.max_thinking_tokens:
-            raise APIError(400, f"min_thinking_tokens: {req.min_thinking_tokens} is above max_thinking_tokens "
-                                f"({req.max_thinking_tokens}); lower the minimum or raise the maximum",
-                           param="min_thinking_tokens", code="invalid_value")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4 or any(not s or len(s) > 256 for s in stop):
             raise APIError(400, "stop: give up to 4 non-empty strings of at most 256 characters", param="stop",
@@ -193,9 +189,13 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, **setti
                                 f"{config.max_batch}; lower n (or send fewer prompts)", param="n", code="invalid_value")
         sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
                             stop=stop, seed=req.seed)
-        budget = Budget(max_thinking_tokens=req.max_thinking_tokens, min_thinking_tokens=req.min_thinking_tokens,
-                        extensions=req.thinking_extensions, extension_string=req.extension_string,
-                        answer_prefix=req.answer_prefix, max_answer_tokens=max_tokens)
+        try:  # Budget's own validation (min_thinking_tokens <= max_thinking_tokens), named with the API's fields
+            budget = Budget(max_thinking_tokens=req.max_thinking_tokens, min_thinking_tokens=req.min_thinking_tokens,
+                            extensions=req.thinking_extensions, extension_string=req.extension_string,
+                            answer_prefix=req.answer_prefix, max_answer_tokens=max_tokens)
+        except ValidationError as e:
+            raise validation_error({**x, "loc": tuple("thinking_extensions" if p == "extensions" else p
+                                                      for p in x["loc"])} for x in e.errors()) from None
         return sampling, budget
 
     def submit(ids: list[list[int]], req: CommonRequest, param: str) -> Job:
