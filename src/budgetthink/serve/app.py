@@ -47,6 +47,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+from budgetthink.budget import encode_insert
 from budgetthink.engine import Budget, Completion, Sampling
 from budgetthink.errors import UserError
 from budgetthink.serve.api import APIError, ChatRequest, CommonRequest, CompletionRequest, validation_error
@@ -187,6 +188,11 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, **setti
         if req.n * prompts > config.max_batch:
             raise APIError(400, f"n: {req.n * prompts} choices in one request exceed the server's batch of "
                                 f"{config.max_batch}; lower n (or send fewer prompts)", param="n", code="invalid_value")
+        for name, what in (("extension_string", "extension string"), ("answer_prefix", "answer prefix")):
+            try:  # the engine inserts these: refuse them now, not once a stream has begun
+                encode_insert(engine.tokenizer, getattr(req, name), what)
+            except UserError as e:
+                raise APIError(400, f"{name}: {e}", param=name, code="invalid_value") from None
         sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
                             stop=stop, seed=req.seed)
         try:  # Budget's own validation (min_thinking_tokens <= max_thinking_tokens), named with the API's fields
