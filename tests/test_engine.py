@@ -380,7 +380,7 @@ def test_advance_over_many_tokens_equals_one_at_a_time(model_tok, fmt_name):
                 for context in (1024, 80):
                     want = drive(tok, fmt, budget, sampling, prompts, next_token, lambda: 1, context)
                     rnd = random.Random(salt)
-                    got = drive(tok, fmt, budget, sampling, prompts, next_token, lambda: rnd.randint(0, 12), context)
+                    got = drive(tok, fmt, budget, sampling, prompts, next_token, lambda r=rnd: r.randint(0, 12), context)
                     assert got == want, (fmt_name, salt, budget, sampling, context)
                     seen |= {c["meta"]["stopped_by"] for _, _, c in want}
                     seen |= {"forced" for _, _, c in want if c["meta"]["forced"]}

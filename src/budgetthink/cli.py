@@ -69,15 +69,16 @@ def _print_json(obj) -> None:
     print(json.dumps(obj))
 
 
-def _budget(**flags):
-    """The Budget of the budget flags given (the others keep Budget's defaults); None when it enforces nothing."""
+def _budget(args: dict):
+    """The Budget of a command's budget flags (its arguments named as Budget's fields) that were given, the
+    others keeping Budget's defaults; None when it enforces nothing."""
     from pydantic import ValidationError
 
     from budgetthink.budget import Budget, enforced
     from budgetthink.config import explain
 
     try:
-        return enforced(Budget(**{k: v for k, v in flags.items() if v is not None}))
+        return enforced(Budget(**{k: v for k, v in args.items() if k in Budget.model_fields and v is not None}))
     except ValidationError as e:
         raise explain(Budget, e, "budget flags") from None
 
@@ -117,9 +118,7 @@ def generate(model: Annotated[str, typer.Option(help="Model directory.")], task:
     from budgetthink.engine import Sampling
     from budgetthink.generate import run
 
-    budget = _budget(max_thinking_tokens=max_thinking_tokens, min_thinking_tokens=min_thinking_tokens,
-                     extensions=extensions, extension_string=extension_string, answer_prefix=answer_prefix,
-                     max_answer_tokens=max_answer_tokens)
+    budget = _budget(locals())
     try:
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
     except ValidationError as e:
@@ -203,9 +202,7 @@ def distill(task: TaskOpt, teacher: Annotated[str, typer.Option(help="solver, mo
     from budgetthink.engine import Sampling
     from budgetthink.evaluate import parse_ints
 
-    budget = _budget(max_thinking_tokens=max_thinking_tokens, min_thinking_tokens=min_thinking_tokens,
-                     extensions=extensions, extension_string=extension_string, answer_prefix=answer_prefix,
-                     max_answer_tokens=max_answer_tokens)
+    budget = _budget(locals())
     _print_json(run(task, teacher, n, out, seed=seed, budget=budget,
                     sampling=Sampling(temperature=temperature, max_tokens=max_tokens), model_name=model_name,
                     concurrency=concurrency, api_key_env=api_key_env, price_in=price_in, price_out=price_out,

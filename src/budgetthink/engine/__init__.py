@@ -10,13 +10,14 @@ engines run them through `budget.Forcing`.
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from budgetthink.budget import Budget, Forcing, decode
 from budgetthink.errors import UserError
 
-__all__ = ["Budget", "Sampling", "Completion", "check_prompts", "eos_ids", "completion", "load_engine"]
+__all__ = ["Budget", "Completion", "Sampling", "check_prompts", "completion", "eos_ids", "load_engine", "model_dir"]
 
 
 class Sampling(BaseModel):
@@ -63,6 +64,15 @@ def check_prompts(tokenizer, prompts: list[str], prompt_ids: list[list[int]] | N
             raise UserError(f"prompt {i} is {len(ids)} tokens but the model's context is {context} "
                             f"({context_name}); shorten the prompt")
     return prompt_ids
+
+
+def model_dir(path) -> Path:
+    """A model directory to load, checked (it has a config.json)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"model directory {path} not found (no config.json); "
+                        "build one with `budgetthink tiny --out DIR` or pass an existing model directory")
+    return path
 
 
 def eos_ids(tokenizer, *sources) -> list[int]:

@@ -50,7 +50,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
 from budgetthink.budget import Budget, Forcing
-from budgetthink.engine import Completion, Sampling, check_prompts, completion, eos_ids
+from budgetthink.engine import Completion, Sampling, check_prompts, completion, eos_ids, model_dir
 from budgetthink.errors import UserError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -274,10 +274,7 @@ class TorchEngine:
         if isinstance(model_or_path, tuple):
             model_or_path, tokenizer = model_or_path
         if isinstance(model_or_path, (str, Path)):
-            path = Path(model_or_path)
-            if not (path / "config.json").is_file():
-                raise UserError(f"model directory {path} not found (no config.json); "
-                                "build one with `budgetthink tiny --out DIR` or pass an existing model directory")
+            path = model_dir(model_or_path)
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")

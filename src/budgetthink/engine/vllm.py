@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from budgetthink.budget import LIVE, Budget, Forcing
-from budgetthink.engine import Completion, Sampling, check_prompts, completion, eos_ids
+from budgetthink.engine import Completion, Sampling, check_prompts, completion, eos_ids, model_dir
 from budgetthink.errors import UserError
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM's CPU attention kernels
@@ -112,10 +112,7 @@ class VLLMEngine:
         self._tmp = None  # a directory this engine wrote (a loaded model, LoRA adapters)
         self.lora_request, self._lora_id, self._requests = None, 0, 0
         if isinstance(model_or_path, (str, Path)):
-            path = Path(model_or_path)
-            if not (path / "config.json").is_file():
-                raise UserError(f"model directory {path} not found (no config.json); "
-                                "build one with `budgetthink tiny --out DIR` or pass an existing model directory")
+            path = model_dir(model_or_path)
             from transformers import AutoConfig, AutoTokenizer
 
             config = AutoConfig.from_pretrained(path, local_files_only=True)
