@@ -1,6 +1,6 @@
 """Budget forcing is exact: the engine (KV cache reused, batched) gives the same tokens as the naive s1 procedure.
 
-The naive reference below is written from DESIGN.md's semantics, independently of budgetthink.budget: for
+The naive reference below is written from the semantics stated in budgetthink/budget.py's docstring, independently of its code: for
 every token it runs the model over the whole id sequence with no cache; an inserted string is encoded on its
 own (no special tokens) and its ids appended; a model-written end of thinking is cut off the id list.
 

@@ -236,6 +236,15 @@ class RowCache(Cache):
         self.used, self.off, self.slot, self.n = used, shared[rep], torch.arange(P * n, device=dev), n
 
 
+def left_padded(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill block: seqs left-padded to one length, [P, L] ids, and each one's length k [P]."""
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long, device=device)
+    return ids, torch.tensor([len(s) for s in seqs], dtype=torch.long, device=device)
+
+
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None):
     """logits [B, V] (float32 or float64) -> (tokens [B], log-probs [B] under the distribution sampled from)."""
     if sampling.temperature < GREEDY_BELOW:
@@ -359,11 +368,8 @@ class TorchEngine:
 
         # prefill each prompt once (with the forced end when max_thinking_tokens is 0), then repeat rows n times
         seqs = [p + start for p in prompts]
-        L = max(map(len, seqs))
-        ids = torch.full((P, L), self.pad, dtype=torch.long, device=dev)
-        for i, s in enumerate(seqs):
-            ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long, device=dev)
-        k = torch.tensor([len(s) for s in seqs], dtype=torch.long, device=dev)
+        ids, k = left_padded(seqs, self.pad, dev)
+        L = ids.shape[1]
         cache = RowCache(cap=L, rows=P, device=dev)  # the prefill's room; the decoding rows get theirs below
         logits = self._forward(cache, ids, k, torch.zeros(P, dtype=torch.long, device=dev))  # [P, V]
         if n > 1:  # the n samples read the prompt (but its last token) from one shared prefix
