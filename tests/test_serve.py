@@ -345,24 +345,36 @@ def test_engine_errors_fail_only_their_request(engine):
 
 
 # --- load (the fuzz is in test_serve_fuzz.py) ----------------------------------------------------------
-def test_load_200_requests_at_concurrency_16(server):
+def mixed_body(i: int) -> dict:
+    """Request i of a mixed workload: its own temperature, top-p, max_tokens, budget, n and seed."""
+    body = {"model": NAME, "prompt": f"{i}+1=", "max_tokens": 2 + i % 11, "temperature": [0, 0.7, 1.0, 1e-300][i % 4],
+            "top_p": [1.0, 0.9][i % 2], "n": 1 + i % 3 // 2}
+    body.update([{}, {"max_thinking_tokens": 3}, {"min_thinking_tokens": 2, "thinking_extensions": 1},
+                 {"seed": i}, {"stop": ["="]}][i % 5])
+    return body
+
+
+def test_load_200_mixed_requests_at_concurrency_16(server):
+    """200 requests that all differ in their settings share decoding steps (continuous batching)."""
     async def main():
         sem = asyncio.Semaphore(16)
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=16)) as client:
             async def one(i):
                 async with sem:
-                    return await client.post(server.url + "/v1/completions",
-                                             json={"model": NAME, "prompt": f"{i}+1=", "max_tokens": 4})
+                    return await client.post(server.url + "/v1/completions", json=mixed_body(i))
             return await asyncio.gather(*[one(i) for i in range(200)])
 
-    batches = server.metric("budgetthink_batches_total")
+    steps = server.metric("budgetthink_batches_total")
     rows = server.metric("budgetthink_batch_rows_total")
     responses = asyncio.run(main())
     assert [r.status_code for r in responses] == [200] * 200
-    assert all(len(r.json()["choices"]) == 1 for r in responses)
-    # dynamic batching: the 200 requests ran in far fewer engine calls
-    calls = server.metric("budgetthink_batches_total") - batches
-    assert server.metric("budgetthink_batch_rows_total") - rows == 200 and calls <= 100
+    for i, r in enumerate(responses):
+        choices = r.json()["choices"]
+        assert len(choices) == mixed_body(i)["n"] and all(c["finish_reason"] in ("stop", "length") for c in choices)
+    steps = server.metric("budgetthink_batches_total") - steps
+    per_step = (server.metric("budgetthink_batch_rows_total") - rows) / steps
+    assert per_step >= 4, per_step  # 16 requests in flight, ~1.3 rows each: they decode together
+    assert server.metric("budgetthink_running_rows") == 0
 
 
 # --- SIGTERM --------------------------------------------------------------------------------------------

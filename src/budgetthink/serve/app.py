@@ -57,6 +57,7 @@ from budgetthink.serve.http import Gate, uvicorn_config
 from budgetthink.serve.jobs import Job
 from budgetthink.serve.metrics import Metrics
 from budgetthink.serve.prompts import PromptEncoder
+from budgetthink.serve.scheduler import Scheduler
 
 log = logging.getLogger("budgetthink.serve")
 STREAM_PIECE = 16  # characters per streamed delta
@@ -85,7 +86,11 @@ def sse(obj) -> str:
 
 
 def make_batcher(engine, fmt, metrics: Metrics, config: ServeConfig):
-    """Whole-call batching for any engine (the step-wise scheduler is chosen for the torch engine)."""
+    """Continuous batching for the torch engine (it decodes step by step); whole calls for any other."""
+    from budgetthink.engine.torch import TorchEngine
+
+    if isinstance(engine, TorchEngine):
+        return Scheduler(engine, fmt, metrics, max_batch=config.max_batch, max_queue=config.max_queue)
     return Batcher(engine, fmt, metrics, max_batch=config.max_batch, max_queue=config.max_queue, window=config.window)
 
 
@@ -283,7 +288,7 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, **setti
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(len(batcher.waiting), batcher.running),
+        return PlainTextResponse(metrics.render(len(batcher.waiting), batcher.running, batcher.rows),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -30,7 +30,7 @@ class Batcher:
         self.engine, self.fmt, self.metrics = engine, fmt, metrics
         self.max_batch, self.max_queue, self.window = max_batch, max_queue, window
         self.waiting: list[Job] = []
-        self.running = 0
+        self.running = self.rows = 0  # requests and rows in the engine call
         self.closing = False
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.wake = asyncio.Event()
@@ -89,7 +89,7 @@ class Batcher:
                 continue
             batch = self.take()
             self.last_rows = sum(j.rows for j in batch)
-            self.running = len(batch)
+            self.running, self.rows = len(batch), self.last_rows
             try:
                 await self.run(batch)
             except Exception as e:  # never let the worker die: fail this batch's requests and go on
@@ -100,7 +100,7 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(err)
             finally:
-                self.running = 0
+                self.running = self.rows = 0
 
     async def run(self, batch: list[Job]):
         """One engine call for the batch; each job gets its own completions, prompt-major."""

@@ -26,7 +26,7 @@ class Metrics:
             self.latency_sum += seconds
             self.latency_count += 1
 
-    def render(self, queue_depth: int, running: int) -> str:
+    def render(self, queue_depth: int, running: int, rows: int) -> str:
         lines = ["# HELP budgetthink_requests_total HTTP requests by route and status code.",
                  "# TYPE budgetthink_requests_total counter"]
         lines += [f'budgetthink_requests_total{{route="{r}",status="{s}"}} {c}' for (r, s), c in sorted(self.requests.items())]
@@ -37,9 +37,11 @@ class Metrics:
                   f"budgetthink_queue_depth {queue_depth}",
                   "# HELP budgetthink_running_requests Requests in the engine's current batch.",
                   "# TYPE budgetthink_running_requests gauge", f"budgetthink_running_requests {running}",
-                  "# HELP budgetthink_batches_total Engine calls.", "# TYPE budgetthink_batches_total counter",
+                  "# HELP budgetthink_running_rows Rows (prompts x n) in the engine's current batch.",
+                  "# TYPE budgetthink_running_rows gauge", f"budgetthink_running_rows {rows}",
+                  "# HELP budgetthink_batches_total Engine calls (decoding steps of the continuous batch).", "# TYPE budgetthink_batches_total counter",
                   f"budgetthink_batches_total {self.batches}",
-                  "# HELP budgetthink_batch_rows_total Rows (prompts x n) over all engine calls.",
+                  "# HELP budgetthink_batch_rows_total Rows (prompts x n) over all engine calls (steps).",
                   "# TYPE budgetthink_batch_rows_total counter", f"budgetthink_batch_rows_total {self.batch_rows}",
                   "# HELP budgetthink_engine_seconds_total Wall time spent in the engine.",
                   "# TYPE budgetthink_engine_seconds_total counter", f"budgetthink_engine_seconds_total {self.engine_seconds:.6f}",
