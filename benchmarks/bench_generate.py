@@ -89,7 +89,7 @@ def alternate(sides: dict, repeats: int) -> dict:
 
 
 # --- (a) the peer: transformers generate ------------------------------------------------------------------------
-def hf_generate(model, tok, prompts, n, new_tokens, seed, eos=True, max_new=None, stop_ids=None):
+def hf_generate(model, tok, prompts, n, new_tokens, seed, eos=True, max_new=None, stop_ids=None, stop_strings=None):
     """model.generate over left-padded prompts; returns the new token ids per sample (pads stripped)."""
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -98,6 +98,8 @@ def hf_generate(model, tok, prompts, n, new_tokens, seed, eos=True, max_new=None
           "pad_token_id": tok.pad_token_id}
     if eos:
         kw.update(max_new_tokens=max_new or new_tokens, eos_token_id=stop_ids or [tok.eos_token_id])
+        if stop_strings:  # a delimiter of several tokens (BPE models): generate matches it as text
+            kw.update(stop_strings=stop_strings, tokenizer=tok)
     else:
         kw.update(max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None)
     with torch.inference_mode():
@@ -107,8 +109,8 @@ def hf_generate(model, tok, prompts, n, new_tokens, seed, eos=True, max_new=None
 
 # --- (b) the naive s1 procedure ------------------------------------------------------------------------------------
 def naive_s1(model, tok, prompts, n, fmt, budget: Budget, seed):
-    """s1's budget forcing with repeated generate calls on re-encoded text. Returns sampled-token count."""
-    close_id = tok.convert_tokens_to_ids(fmt.think_close)
+    """s1's budget forcing with repeated generate calls on re-encoded text. Returns sampled-token count.
+    The end of thinking is matched as text: on a BPE model `</think>` is several tokens."""
     eos = tok.eos_token_id
     texts = [p for p in prompts for _ in range(n)]
     left = [budget.max_thinking_tokens] * len(texts)  # thinking budget left per row
@@ -118,15 +120,17 @@ def naive_s1(model, tok, prompts, n, fmt, budget: Budget, seed):
         if not active:
             break
         outs = hf_generate(model, tok, [texts[i] for i in active], 1, None, seed + round_,
-                           max_new=max(left[i] for i in active), stop_ids=[eos, close_id])
+                           max_new=max(left[i] for i in active), stop_ids=[eos], stop_strings=[fmt.think_close])
         still = []
         for i, ids in zip(active, outs):
             ids = [t for t in ids if t != tok.pad_token_id][: left[i]]
-            ended = bool(ids) and ids[-1] in (eos, close_id)
-            body = ids[:-1] if ended else ids
+            text = tok.decode(ids, skip_special_tokens=False)
+            ended = bool(ids) and (ids[-1] == eos or fmt.think_close in text)
+            body = text.split(fmt.think_close)[0] if fmt.think_close in text else tok.decode(
+                ids[:-1] if ended else ids, skip_special_tokens=False)
             sampled += len(ids)
             left[i] -= len(ids)
-            texts[i] += tok.decode(body, skip_special_tokens=False)
+            texts[i] += body
             if ended and round_ < budget.extensions and left[i] > 0:
                 texts[i] += budget.extension_string  # suppress the end, append "Wait", re-encode next round
                 still.append(i)

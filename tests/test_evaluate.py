@@ -132,10 +132,17 @@ class ScriptedEngine:
     """Stands in for an engine: `script(prompt, sample, budget)` gives (natural thinking tokens, answer text);
     thinking is cut at the budget's maximum, as budget forcing does."""
 
+    class tokenizer:  # bytes as ids, no chat template: prompts are raw text
+        chat_template = None
+
+        @staticmethod
+        def encode(text, add_special_tokens=True):
+            return list(text.encode())
+
     def __init__(self, script):
         self.script, self.calls = script, []
 
-    def generate(self, prompts, sampling, n=1, budget=None, fmt=None):
+    def generate(self, prompts, sampling, n=1, budget=None, fmt=None, prompt_ids=None):
         self.calls.append((list(prompts), sampling, n, budget))
         outs = []
         for i, p in enumerate(prompts):

@@ -2,7 +2,6 @@
 a bounded load test, disconnects, and SIGTERM draining."""
 
 import asyncio
-import json
 import os
 import re
 import signal

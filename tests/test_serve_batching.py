@@ -8,12 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from test_serve import NAME, Server, error_of
 
 from budgetthink import engine as engines
 from budgetthink.engine import Budget, Sampling
 from budgetthink.formats import get_format
 from budgetthink.serve import create_app
-from test_serve import NAME, Server, error_of
 
 FMT = get_format("tinyzero")
 LONG = {"model": NAME, "prompt": "1", "max_tokens": 400, "min_thinking_tokens": 390, "temperature": 1.0}

@@ -7,10 +7,10 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_serve import NAME, Server, error_of
 
 from budgetthink.formats import get_format
 from budgetthink.serve import create_app
-from test_serve import NAME, Server, error_of
 
 FMT = get_format("tinyzero")
 EXAMPLES = 1000

@@ -8,10 +8,10 @@ import threading
 import time
 
 import pytest
+from test_serve import NAME, Server, error_of
 
 from budgetthink.formats import get_format
 from budgetthink.serve import create_app
-from test_serve import NAME, Server, error_of
 
 FMT = get_format("tinyzero")
 VALUES = [-1, 0, 2**31, 2**63, 10**30, float("nan"), float("inf"), True, "16"]

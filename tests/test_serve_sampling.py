@@ -3,13 +3,13 @@ inf and NaN, and gave only <|pad|> tokens)."""
 
 import pytest
 import torch
+from test_serve import NAME, Server
 
 from budgetthink import engine as engines
 from budgetthink.engine import Sampling
 from budgetthink.engine.torch import GREEDY_BELOW, sample
 from budgetthink.formats import get_format
 from budgetthink.serve import create_app
-from test_serve import NAME, Server
 
 FMT = get_format("tinyzero")
 

@@ -4,12 +4,12 @@ import subprocess
 import sys
 
 import pytest
+from test_serve import NAME, Server
 
 from budgetthink.errors import UserError
 from budgetthink.formats import get_format
 from budgetthink.serve import create_app
 from budgetthink.serve.http import resolve_api_key
-from test_serve import NAME, Server
 
 FMT = get_format("tinyzero")
 
@@ -32,7 +32,7 @@ def test_api_key_sources(tmp_path):
 
 def test_cli_refuses_a_missing_key_file(tmp_path):
     r = subprocess.run([sys.executable, "-m", "budgetthink", "serve", "--model", str(tmp_path), "--api-key-file",
-                        str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+                        str(tmp_path / "nope")], check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --api-key-file")
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from budgetthink.config import load_config
 from budgetthink.errors import UserError
-from budgetthink.formats import get_format
+from budgetthink.formats import Prompter, get_format
 from budgetthink.jsonl import write_jsonl
 from budgetthink.tasks import get_task
 from budgetthink.train import sft
@@ -68,13 +68,13 @@ def test_prompt_masked_target_supervised(tmp_path, tok, tiny_model_dir):
 
 def test_s1_format_rendering(tok):
     r = {"problem": {"prompt": "Q?\n"}, "thinking": "hmm", "answer": "42"}
-    prompt, target = sft.render(r, get_format("s1"), tok, chat_template=False)
+    prompt, target = sft.render(r, Prompter(get_format("s1"), tok, "raw"))
     assert prompt == "Q?\n<|im_start|>think\n"
     assert target == "hmm\n<|im_start|>answer\nAnswer: 42" + tok.eos_token
     # a trace written under a stated budget states it in the prompt, in each format's words
     stated = {**r, "budget": 64}
-    assert sft.render(stated, get_format("s1"), tok, False)[0] == "Q?\nThink for at most 64 tokens.\n<|im_start|>think\n"
-    assert sft.render(stated, get_format("tinyzero"), tok, False)[0] == "Q?\n[budget 64]<think>"
+    assert sft.render(stated, Prompter(get_format("s1"), tok, "raw"))[0] == "Q?\nThink for at most 64 tokens.\n<|im_start|>think\n"
+    assert sft.render(stated, Prompter(get_format("tinyzero"), tok, "raw"))[0] == "Q?\n[budget 64]<think>"
 
 
 # --- the loss: hand-computed reference, and no example sees another -----------------------------------------

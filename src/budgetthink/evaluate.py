@@ -499,19 +499,21 @@ def _run(models: list[str], task: str, n: int, seed: int, budgets: list[int], ex
         engine="torch", fmt: str = "tinyzero", task_options: dict | None = None, max_answer_tokens: int = 64,
         temperature: float = 1.0, methods: list[str] | None = None, parallel_budget: int | None = None,
         extension_max_thinking: int | None = None, extension_string: str = "Wait", batch_size: int = 64,
-        command: str | None = None, quiet: bool = False) -> dict:
+        command: str | None = None, quiet: bool = False, prompt: str = "auto", device: str | None = None,
+        dtype: str | None = None) -> dict:
     """Evaluate `models` on `n` problems of `task` across budgets; write results.json, samples.jsonl,
     scaling.png and report.html under `out`; return the results dict.
 
     budget_in_prompt/force choose the method (forced; stated; stated+forced) unless `methods` lists several.
     `engine` is a backend name ("torch", "vllm") or an object with the engine's `generate` (used for every
-    model). Budgets are sorted; extension settings run under `extension_max_thinking` (default: the largest
+    model); device/dtype go to a loaded engine. `prompt` is the prompt style (formats.Prompter: auto uses each
+    model's chat template when it has one). Budgets are sorted; extension settings run under `extension_max_thinking` (default: the largest
     budget); the K samples under `parallel_budget` (default: the smallest budget)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from budgetthink.engine import Budget, Sampling, load_engine
-    from budgetthink.formats import get_format
+    from budgetthink.formats import Prompter, get_format
     from budgetthink.jsonl import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
     from budgetthink.tasks import get_task
 
@@ -567,8 +569,10 @@ def _run(models: list[str], task: str, n: int, seed: int, budgets: list[int], ex
                 write_jsonl(samples_path, kept)
             if model not in loaded:
                 loaded.clear()  # one model in memory at a time
-                loaded[model] = engine if not isinstance(engine, str) else load_engine(model, backend=engine)
-            eng = loaded[model]
+                options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+                eng = engine if not isinstance(engine, str) else load_engine(model, backend=engine, **options)
+                loaded[model] = eng, Prompter(form, eng.tokenizer, prompt)
+            eng, prompter = loaded[model]
             budget = Budget(max_thinking_tokens=s.max_thinking, extensions=s.extensions,
                             extension_string=extension_string, max_answer_tokens=max_answer_tokens)
             # max_tokens counts every sampled token, removed end-of-thinking tokens included: leave room for them
@@ -578,8 +582,9 @@ def _run(models: list[str], task: str, n: int, seed: int, budgets: list[int], ex
             new = []
             for start in range(0, n, batch_size):
                 chunk = problems[start:start + batch_size]
-                prompts = [form.prompt(p.prompt, budget=s.stated) for p in chunk]
-                outs = eng.generate(prompts, sampling, n=s.samples, budget=budget, fmt=form)
+                encoded = [prompter.encode(p.prompt, s.stated) for p in chunk]
+                outs = eng.generate([t for t, _ in encoded], sampling, n=s.samples, budget=budget, fmt=form,
+                                    prompt_ids=[ids for _, ids in encoded])
                 if len(outs) != len(chunk) * s.samples:
                     raise RuntimeError(f"engine returned {len(outs)} completions for {len(chunk)} x {s.samples}")
                 for j, c in enumerate(outs):

@@ -1,9 +1,11 @@
 """Sample scored completions from a model on a task's problems, with budget forcing.
 
     budgetthink generate --model runs/tiny --task countdown --n 8 --seed 0 --max-thinking-tokens 64 [--json]
+    budgetthink generate --model models/smollm2-135m --prompt auto --max-thinking-tokens 64
 
 `--n` problems are drawn from the task with `--seed` (the same problems `budgetthink data generate` writes),
-each prompt is rendered in the think format (`--format`, default tinyzero) and sampled `--samples` times
+each prompt is rendered in the think format (`--format`, default tinyzero) through `Prompter` (`--prompt`:
+`auto` uses the model's chat template when it has one, as every command does) and sampled `--samples` times
 (default 1) with the torch engine; every completion is scored by the task. Without `--json` a readable view
 goes to stdout (thinking, answer, reward, counts, then a summary); with `--json` one JSON object per line per
 sample: the problem id, the rendered prompt (`prompt`), every Completion field (`text`, `thinking`, `answer`,
@@ -17,12 +19,13 @@ import sys
 from dataclasses import asdict
 
 from budgetthink.engine import Budget, Sampling, load_engine
-from budgetthink.formats import get_format
+from budgetthink.formats import Prompter, get_format
 from budgetthink.tasks import get_task
 
 
 def run(model, task: str, n: int, seed: int, budget: Budget | None, sampling: Sampling, fmt: str = "tinyzero",
-        json_out: bool = False, task_options: dict | None = None, samples: int = 1, engine=None) -> list[dict]:
+        json_out: bool = False, task_options: dict | None = None, samples: int = 1, engine=None,
+        prompt: str = "auto", device: str | None = None, dtype: str | None = None) -> list[dict]:
     """Generate, score and print; returns the records (one per sample, prompt-major).
 
     model: a model directory (or a loaded engine via `engine`); sampling.seed defaults to `seed`.
@@ -36,12 +39,15 @@ def run(model, task: str, n: int, seed: int, budget: Budget | None, sampling: Sa
     problems = the_task.generate(n, seed)
     if sampling.seed is None:
         sampling = sampling.model_copy(update={"seed": seed})
-    prompts = [think.prompt(p.prompt) for p in problems]
-    engine = engine or load_engine(model, backend="torch")
+    engine = engine or load_engine(model, backend="torch", device=device, dtype=dtype)
+    prompter = Prompter(think, engine.tokenizer, prompt)
+    encoded = [prompter.encode(p.prompt) for p in problems]
+    prompts = [text for text, _ in encoded]
     from rich.console import Console
 
     with Console(stderr=True).status(f"sampling {len(prompts)} x {samples} completions"):
-        outs = engine.generate(prompts, sampling, n=samples, budget=budget, fmt=think)
+        outs = engine.generate(prompts, sampling, n=samples, budget=budget, fmt=think,
+                               prompt_ids=[ids for _, ids in encoded])
     records = []
     for i, o in enumerate(outs):
         problem = problems[o.prompt_index]

@@ -365,8 +365,9 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, **setti
 
 
 def run(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, engine: str = "torch",
-        fmt: str = "tinyzero", out: str | None = None, **settings):
-    """Load the model and serve it until SIGTERM/SIGINT (which finish the requests in flight first).
+        fmt: str = "tinyzero", out: str | None = None, engine_options: dict | None = None, **settings):
+    """Load the model (engine_options, e.g. device and dtype, go to the engine) and serve it until SIGTERM/SIGINT
+    (which finish the requests in flight first).
 
     With `out`, the run is recorded on shutdown as a `serve` line in OUT/ledger.jsonl. `settings` are
     ServeConfig's fields."""
@@ -379,7 +380,7 @@ def run(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     from budgetthink.ledger import stage_ledger
 
     think_format = get_format(fmt)
-    eng = load_engine(str(model), backend=engine)
+    eng = load_engine(str(model), backend=engine, **(engine_options or {}))
     app = create_app(eng, str(model), think_format, api_key=api_key, **settings)
     if out:  # the run's ledger line, written when the server shuts down
         ledger = contextlib.ExitStack()

@@ -23,7 +23,7 @@ from budgetthink.errors import UserError
 from budgetthink.jsonl import read_jsonl
 from budgetthink.tasks import Problem, Score, Trace
 from budgetthink.tasks.countdown import last_answer
-from budgetthink.tasks.limit import Timeout, TimeLimited
+from budgetthink.tasks.limit import TimeLimited, Timeout
 
 TEMPLATES = ("boxed", "plain")
 MAX_ANSWER_CHARS = 1000  # longer answers skip math-verify (its parser slows down badly on long input)

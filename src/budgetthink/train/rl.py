@@ -37,6 +37,7 @@ from budgetthink import model_card, tracking
 from budgetthink.config import Config, dump_config
 from budgetthink.engine import Budget, Sampling
 from budgetthink.errors import UserError
+from budgetthink.formats import Prompter, get_format
 from budgetthink.jsonl import append_jsonl, read_jsonl
 from budgetthink.train import losses as L
 from budgetthink.train.common import (
@@ -83,6 +84,9 @@ class RLConfig(Config):
     task: str = Field("countdown", description="task name: countdown, multiply or math")
     task_options: dict = Field(default_factory=dict, description="options passed to the task (e.g. num_numbers)")
     format: str = Field("tinyzero", description="think format: tinyzero, s1 or r1")
+    prompt: Literal["auto", "chat", "raw"] = Field(
+        "auto", description="prompt style (formats.Prompter): auto = the model's chat template when its tokenizer "
+                            "has one, else the task's prompt then the opening delimiter; chat insists; raw never")
     engine: str = Field("torch", description="generation engine: torch or vllm")
     engine_options: dict = Field(default_factory=dict,
                                  description="passed to the engine (vllm: gpu_memory_utilization, enforce_eager, ...)")
@@ -187,6 +191,7 @@ class Run:
     engine: object
     task: object
     fmt: object
+    prompter: object  # formats.Prompter: task prompt -> the model's input text and ids
     train_set: list
     eval_set: list
     optimizer: torch.optim.Optimizer
@@ -241,7 +246,6 @@ def _data(cfg: RLConfig) -> tuple[object, list, list]:
 
 def setup(cfg: RLConfig, out: Path, resume: bool) -> Run:
     from budgetthink.engine import load_engine
-    from budgetthink.formats import get_format
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt, state = resume_point(out) if resume else (None, None)  # the newest intact checkpoint
@@ -254,9 +258,10 @@ def setup(cfg: RLConfig, out: Path, resume: bool) -> Run:
     model = model.to(device)
     task, train_set, eval_set = _data(cfg)
     optimizer = make_optimizer(model, cfg.optim)
+    fmt = get_format(cfg.format)
     run = Run(cfg=cfg, out=out, device=device, model=model, tokenizer=tokenizer,
-              engine=load_engine(model, cfg.engine, tokenizer=tokenizer, **cfg.engine_options), task=task, fmt=get_format(cfg.format),
-              train_set=train_set, eval_set=eval_set, optimizer=optimizer,
+              engine=load_engine(model, cfg.engine, tokenizer=tokenizer, **cfg.engine_options), task=task, fmt=fmt,
+              prompter=Prompter(fmt, tokenizer, cfg.prompt), train_set=train_set, eval_set=eval_set, optimizer=optimizer,
               scheduler=make_scheduler(optimizer, cfg.optim, cfg.max_steps), kl=L.KLController(
                   cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), log=MetricsLog(out / "metrics.jsonl"))
     if cfg.kl_coef > 0 and not cfg.lora:  # with LoRA the reference is the base with adapters disabled
@@ -331,8 +336,8 @@ def generate(run: Run, problems: list, n: int, sampling: Sampling, budgets: list
     distinct cap) and the reward is shaped by the thinking used against it."""
     cfg, cur = run.cfg, run.cfg.budget_curriculum
     budgets = budgets or [None] * len(problems)
-    prompts = [run.fmt.prompt(p.prompt, budget=b) for p, b in zip(problems, budgets)]
-    prompt_ids = [run.tokenizer.encode(p) for p in prompts]  # the engine and the loss see the same ids
+    prompts = [run.prompter.text(p.prompt, b) for p, b in zip(problems, budgets)]
+    prompt_ids = [run.prompter.ids(p) for p in prompts]  # the engine and the loss see the same ids
     calls = (cur.engine_calls(budgets, base=cfg.budget) if budgets[0] is not None
              else [(cfg.budget, list(range(len(problems))))])
     if hasattr(run.engine, "update_weights") and run.synced != run.updates:  # an engine with its own weights
@@ -625,7 +630,7 @@ def evaluate(run: Run, step: int) -> dict:
     `accuracy_B<b>` and `budget_error_B<b>` per budget."""
     cfg, cur = run.cfg, run.cfg.budget_curriculum
     context = getattr(run.model.config, "max_position_embeddings", None) or 2048
-    longest = max(len(run.tokenizer.encode(run.fmt.prompt(p.prompt))) for p in run.eval_set)
+    longest = max(len(run.prompter.encode(p.prompt)[1]) for p in run.eval_set)
     cap = cfg.eval_max_tokens or max(1, context - longest - 16)  # room for what budget forcing inserts
     greedy = Sampling(temperature=0.0, max_tokens=cap)
 

@@ -9,8 +9,8 @@
 
 Data: JSONL traces as `distill` / `curate` write them; each line needs `problem` (a Problem dict with its
 `prompt`), `thinking` and `answer` (lines whose `error` is set are skipped and counted). Each is rendered in
-the think format: prompt = fmt.prompt(problem.prompt) (or the tokenizer's chat template then the opening
-delimiter, with `chat_template: true`, as s1 did with Qwen2.5-Instruct), stating the line's `budget` when it
+the think format through `formats.Prompter` (`prompt: auto`: the tokenizer's chat template then the opening
+delimiter when the model has a template, as s1 did with Qwen2.5-Instruct; else fmt.prompt(problem.prompt)), stating the line's `budget` when it
 has one (a trace written under a thinking budget, as `distill --stated-budgets` writes); target =
 fmt.completion(thinking, answer) + end-of-text. Prompt and target are tokenized separately (as a generation
 engine sees them) and the loss covers the target tokens only: prompt and padding labels are -100.
@@ -94,8 +94,9 @@ class SFTConfig(Config):
     model: str = Field(description="model directory (or hub id on a machine that has it) to fine-tune")
     data: str | None = Field(None, description="JSONL of traces (distill/curate output); usually given by --data")
     format: Literal["tinyzero", "s1", "r1"] = Field("s1", description="think format the traces are rendered in")
-    chat_template: bool = Field(False, description="render the prompt through the tokenizer's chat template "
-                                                   "(instruct models, as s1 did) instead of the plain prompt text")
+    prompt: Literal["auto", "chat", "raw"] = Field(
+        "auto", description="prompt style (formats.Prompter): auto = the tokenizer's chat template when it has one "
+                            "(instruct models, as s1 did), else the plain prompt; chat insists on it; raw never uses it")
     seed: int = Field(0, description="seeds the data order and LoRA initialisation")
     epochs: int = Field(5, ge=1, description="passes over the data (s1: 5)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (None: all epochs); "
@@ -148,14 +149,10 @@ class Example:
     n_prompt: int  # how many of `ids` are prompt (no loss)
 
 
-def render(record: dict, fmt, tokenizer, chat_template: bool) -> tuple[str, str]:
+def render(record: dict, prompter) -> tuple[str, str]:
     """(prompt text, target text) of a trace line; the target ends in the tokenizer's end-of-text."""
-    prompt, budget = record["problem"]["prompt"], record.get("budget")  # a trace written under a stated budget
-    if chat_template:
-        text = fmt.chat_prompt([{"role": "user", "content": prompt}], tokenizer, budget=budget)
-    else:
-        text = fmt.prompt(prompt, budget=budget)
-    return text, fmt.completion(record["thinking"], record["answer"]) + tokenizer.eos_token
+    text = prompter.text(record["problem"]["prompt"], record.get("budget"))  # a trace's stated budget, if any
+    return text, prompter.fmt.completion(record["thinking"], record["answer"]) + prompter.tokenizer.eos_token
 
 
 def labels_of(ex: Example) -> list[int]:
@@ -165,8 +162,10 @@ def labels_of(ex: Example) -> list[int]:
 
 def load_examples(path: str | Path, tokenizer, fmt, cfg: SFTConfig) -> tuple[list[Example], dict]:
     """Tokenized examples of a trace file and what happened to them (counts for summary.json)."""
+    from budgetthink.formats import Prompter
+
     stats = {"lines": 0, "teacher_errors": 0, "truncated": 0, "dropped_too_long": 0, "longest_tokens": 0}
-    examples = []
+    examples, prompter = [], Prompter(fmt, tokenizer, cfg.prompt)
     for i, r in enumerate(iter_jsonl(path), start=1):
         stats["lines"] += 1
         if r.get("error"):
@@ -177,8 +176,8 @@ def load_examples(path: str | Path, tokenizer, fmt, cfg: SFTConfig) -> tuple[lis
                 or not isinstance(r.get("thinking"), str) or not isinstance(r.get("answer"), str)):
             raise UserError(f"{path}:{i}: a trace line needs `problem` (with `prompt`), `thinking` and `answer`; "
                             "write traces with `budgetthink distill` / `curate`")
-        prompt, target = render(r, fmt, tokenizer, cfg.chat_template)
-        p = tokenizer(prompt, add_special_tokens=not cfg.chat_template)["input_ids"]
+        prompt, target = render(r, prompter)
+        p = prompter.ids(prompt)
         t = tokenizer(target, add_special_tokens=False)["input_ids"]
         ids = p + t
         stats["longest_tokens"] = max(stats["longest_tokens"], len(ids))
