@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from budgetthink.jsonl import atomic_write_json, write_jsonl
 from budgetthink.tasks import Score
 
-ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def stand_in_reward(completion: str) -> float:

@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from budgetthink.budget import enforced
 from budgetthink.engine import Budget, Sampling
 from budgetthink.errors import UserError
 from budgetthink.formats import get_format
@@ -263,7 +264,7 @@ async def _ask(client, task, p, teacher, model_name, fmt, sampling, budget, retr
     extra = {}
     if sampling.top_k:
         extra["top_k"] = sampling.top_k
-    if budget is not None and budget.active:  # the names `budgetthink serve` reads as extra body fields
+    if enforced(budget) is not None:  # the names `budgetthink serve` reads as extra body fields
         extra.update(max_thinking_tokens=budget.max_thinking_tokens, min_thinking_tokens=budget.min_thinking_tokens,
                      thinking_extensions=budget.extensions, extension_string=budget.extension_string,
                      answer_prefix=budget.answer_prefix)

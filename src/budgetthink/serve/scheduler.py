@@ -31,7 +31,7 @@ import torch
 
 from budgetthink.budget import Forcing
 from budgetthink.engine import completion
-from budgetthink.engine.torch import ATTENTION, RowCache, room, sample
+from budgetthink.engine.torch import ATTENTION, RowCache, left_padded, room, sample
 from budgetthink.errors import UserError
 from budgetthink.serve.api import APIError
 from budgetthink.serve.jobs import Job, admit
@@ -224,12 +224,8 @@ class Scheduler:
             return
         eng, dev = self.engine, self.engine.device
         seqs = [s for g in new for s in g.seqs]
-        L = max(map(len, seqs))
-        ids = torch.full((len(seqs), L), eng.pad, dtype=torch.long, device=dev)
-        for i, s in enumerate(seqs):
-            ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long, device=dev)
-        k = torch.tensor([len(s) for s in seqs], dtype=torch.long, device=dev)
-        cache = RowCache(cap=L, rows=len(seqs), device=dev)
+        ids, k = left_padded(seqs, eng.pad, dev)  # [P, L], [P]
+        cache = RowCache(cap=ids.shape[1], rows=len(seqs), device=dev)
         t0 = time.perf_counter()
         try:
             logits = self.forward(cache, ids, k, torch.zeros(len(seqs), dtype=torch.long, device=dev))  # [P, V]

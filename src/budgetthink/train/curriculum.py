@@ -37,11 +37,10 @@ import math
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from budgetthink.config import Config
+from budgetthink.config import Config, explain
 from budgetthink.engine import Budget
-from budgetthink.errors import UserError
 
 REWARDS = ("exact", "max")
 
@@ -130,10 +129,10 @@ class BudgetCurriculum(Config):
         if cap is None:
             return base
         fields = (base.model_dump() if base is not None else {}) | {"max_thinking_tokens": cap}
-        if fields.get("min_thinking_tokens", 0) > cap:
-            raise UserError(f"budget.min_thinking_tokens ({fields['min_thinking_tokens']}) is above the enforced "
-                            f"cap {cap} for budget {budget}; lower the minimum or raise the smallest budget")
-        return Budget(**fields)
+        try:  # Budget's own check (min <= max), named for this curriculum
+            return Budget(**fields)
+        except ValidationError as e:
+            raise explain(Budget, e, f"budget.min_thinking_tokens under the enforced cap {cap} for budget {budget}") from None
 
     def engine_calls(self, budgets: list[int], base: Budget | None = None) -> list[tuple[Budget | None, list[int]]]:
         """Prompt indices grouped by the engine Budget they need (the engine takes one per generate call):
