@@ -4,12 +4,12 @@ dtype, learning rate and loss; writes benchmarks/results/bench_grpo_vs_trl.json.
     python benchmarks/bench_grpo_vs_trl.py [--steps 4] [--prompts 16] [--n 8] [--max-tokens 128] [--dtype float32]
 
 Both sides: a tiny Qwen2 (hidden 256, 6 layers, 8/4 heads, MLP 768: ~4.7M parameters, the shape of TRL's
-measurement in reference/peers.md) with the character tokenizer, randomly initialised (seed 0), the same 16
+measurement of TRL) with the character tokenizer, randomly initialised (seed 0), the same 16
 Countdown prompts per step (~120 characters each, one token per character), 8 completions each of up to 128
 tokens, temperature 1 with no top-k/top-p, lr 1e-4, GRPO advantages (group mean and std), token-mean loss
 (TRL's default "dapo"), clip 0.2, one update per batch, beta 0 (no reference model), no gradient
 checkpointing. TRL runs with use_cpu, bf16/fp16 off and the tokenizer passed explicitly as
-processing_class (reference/peers.md: AutoTokenizer would load a qwen2 directory as Qwen2Tokenizer).
+processing_class (AutoTokenizer would load a qwen2 directory as Qwen2Tokenizer).
 
 Reported per side: step time, its split into generation and the rest (scoring, log-probs, forward, backward,
 optimizer), median over the steps after the first (warm-up), in wall time and in CPU time of this process
@@ -45,7 +45,7 @@ def build(workdir: Path, n_problems: int):
     from budgetthink.tasks import Problem
     from budgetthink.tiny import Preset, init_model
 
-    # the shape TRL was measured with (reference/peers.md): 4.7M parameters
+    # the shape TRL was first measured with here: 4.7M parameters
     shape = Preset(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
                    intermediate_size=768)
     model, tok = init_model(shape, seed=0)

@@ -7,7 +7,7 @@ masking, in one process; training throughput, and ours as a share of the machine
   directory both sides load, with the same attention kernel and dtype (budgetthink's `auto` choice here).
 - Data: `--n` Countdown solver traces in the tinyzero format. TRL gets them as a prompt-completion dataset
   (completion_only_loss=True: the loss on the completion only, as ours), with the same tokenizer object
-  (passed explicitly as processing_class: see shared/reference/peers.md on the tokenizer pitfall); the bench
+  (passed explicitly as processing_class: AutoTokenizer would pick the wrong class for a qwen2 directory); the bench
   checks that both sides see the same number of tokens and supervised tokens.
 - Same optimisation: AdamW (0.9, 0.95), wd 1e-4, lr 1e-3, 5% warm-up then cosine, clip 1.0, one epoch,
   `--batch-size` examples per step, max length 1024, no gradient checkpointing, no packing.

@@ -14,8 +14,8 @@ writes into DIR:
 - `reward.py`: `compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float`, which
   rebuilds the Problem and calls this project's scorer (`get_task(task, **options).score`); veRL loads it
   with `importlib.util.spec_from_file_location`, so budgetthink must be installed where veRL's workers run.
-- `run_ppo.sh`, `run_grpo.sh`: `python3 -m verl.trainer.main_ppo` with TinyZero's hyper-parameters
-  (reference/tinyzero.md), the reward wired through `custom_reward_function.path/.name`.
+- `run_ppo.sh`, `run_grpo.sh`: `python3 -m verl.trainer.main_ppo` with TinyZero's hyper-parameters,
+  the reward wired through `custom_reward_function.path/.name`.
 - `export.json`: what was written and with which settings.
 
 The prompt content is the complete text a base model sees (the task's template plus the format's opening
@@ -76,7 +76,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
     return float(_task.score(problem, solution_str).reward)
 '''
 
-# TinyZero's recipe (Jiayi-Pan/TinyZero scripts/train_tiny_zero.sh, as summarised in reference/tinyzero.md),
+# TinyZero's recipe (Jiayi-Pan/TinyZero scripts/train_tiny_zero.sh),
 # in veRL 0.9's config keys. Shared by both scripts; each adds its algorithm's lines.
 SCRIPT_HEAD = '''#!/usr/bin/env bash
 # {title} on budgetthink's {task!r} export, with TinyZero's hyper-parameters (Jiayi-Pan/TinyZero,

@@ -13,7 +13,7 @@ Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both
 GET /metrics (Prometheus text format). With an API key every route but /health needs it (/metrics, /docs and
 /openapi.json included).
 
-Budget forcing (DESIGN.md, "Budget forcing semantics") is one request field away: `max_thinking_tokens`,
+Budget forcing (budget.py holds its rules) is one request field away: `max_thinking_tokens`,
 `min_thinking_tokens`, `thinking_extensions`, `extension_string` and `answer_prefix` are accepted as extra body
 fields. Chat responses put the thinking in `message.reasoning_content` and the answer in `content`; completions
 return everything after the prompt in `text`. `usage.completion_tokens_details.reasoning_tokens` counts the

@@ -5,8 +5,8 @@
     task.score(problems[0], "...<answer>(3*5)+7</answer>")   # Score(reward=1.0, ...)
     trace = task.solve(problems[0])            # Trace(thinking="3+5=8 8+7=15<22 ...", answer="<answer>...</answer>")
 
-Scoring follows TinyZero's rules (reference/tinyzero.md) with DESIGN.md's deliberate differences: the
-completion is scored on its own (no "Assistant:" split, no last-line rule); the last `<answer>...</answer>`
+Scoring follows TinyZero's rules with deliberate differences: the completion
+is scored on its own (no "Assistant:" split, no last-line rule); the last `<answer>...</answer>`
 is read; its numbers (runs of digits) must be exactly the given numbers as a multiset; only digits,
 `+ - * / ( )` and whitespace may appear; the exact value (see arith.py, never `eval`) must be within 1e-5 of
 the target. Correct: 1.0; an answer that fails any check (wrong numbers or value, `**`, `//`, `2.5`,

@@ -5,7 +5,7 @@
     task.score(problem, "...<answer>5535</answer>")   # 1.0 exact, 0.1 another integer, 0.0 no integer answer
     task.solve(problem).thinking                   # long-hand partial products, their sum, then a check
 
-Scoring follows TinyZero's rule (reference/tinyzero.md): the last `<answer>...</answer>` is read; an integer
+Scoring follows TinyZero's rule: the last `<answer>...</answer>` is read; an integer
 equal to the product scores 1.0, any other integer 0.1, anything else (no tag, not an integer) 0.0.
 
 The solver writes long multiplication by the second operand's non-zero digits, least significant first,
