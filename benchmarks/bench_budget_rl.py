@@ -78,7 +78,7 @@ def train(recipe: Path, model: Path, out: Path, minutes: float, overrides: list[
 def warmup(start: Path, budgets: list[int], work: Path) -> dict:
     """(b)'s first stage: SFT from `start` on WARMUP_TRACES solver traces written under a stated budget.
     Mixing in the unstated traces `start` learned from (1,000, 3 epochs) taught the phrase but not the stopping:
-    told B = 16, that model thought 70 tokens (bench_budget_rl_mixed_warmup.json)."""
+    told B = 16, that model thought 70 tokens (archive/bench_budget_rl_mixed_warmup.json)."""
     from budgetthink.data.distill import distill
     from budgetthink.train import sft
 
