@@ -256,3 +256,8 @@ def test_run_tiny_model_report(tiny_model_dir, tmp_path, one_thread):
     page = (out / "report.html").read_text()
     assert '<img src="scaling.png"' in page and "<table>" in page and "B=16" in page
     assert "transformers" in page and "torch" in page
+
+
+def test_models_are_named_by_their_run_not_a_generic_folder():
+    assert [ev.short_name(m) for m in ("runs/rl/model", "models/smollm2/hf", "runs/sft-long", "x")] == \
+        ["rl", "smollm2", "sft-long", "x"]

@@ -117,3 +117,21 @@ def test_every_command_runs_on_smollm2(smol_dir, tmp_path):
         "max_response_tokens=16", "eval_size=2", "eval_every=1", "eval_max_tokens=16", "train_size=8")
     metrics = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["response_len_mean"] > 0
+
+
+def test_serve_on_smollm2_thinks_or_answers(smol):
+    """The server on a chat model: its template, thinking in reasoning_content under a budget, and with thinking
+    off an ordinary answer in content (what a client without reasoning support shows)."""
+    from budgetthink.serve import create_app
+    from test_serve import Server
+
+    with Server(create_app(smol, "smol", FMT)) as s:
+        ask = {"model": "smol", "messages": [{"role": "user", "content": "What is 12 times 7?"}], "temperature": 0,
+               "max_tokens": 48}
+        r = s.http.post("/v1/chat/completions", json={**ask, "max_thinking_tokens": 6}).json()
+        assert r["usage"]["completion_tokens_details"]["reasoning_tokens"] == 6
+        assert r["choices"][0]["message"]["reasoning_content"]
+        plain = s.http.post("/v1/chat/completions", json={**ask, "reasoning_effort": "none"}).json()
+        msg = plain["choices"][0]["message"]
+        assert msg["reasoning_content"] is None and msg["content"].strip() and "<think>" not in msg["content"]
+        assert plain["choices"][0]["finish_reason"] in ("stop", "length")

@@ -207,6 +207,26 @@ def test_thinking_budget_fields(server, engine, bounds):
         assert used >= bounds.get("min_thinking_tokens", 0)
 
 
+def test_thinking_off_answers_in_content(server, engine):
+    """reasoning_effort 'none' or chat_template_kwargs.enable_thinking false: no opening delimiter in the prompt,
+    the whole completion is the content, no reasoning tokens; vLLM's thinking_token_budget is max_thinking_tokens."""
+    messages = [{"role": "user", "content": "3*4="}]
+    prompt = FMT.chat_prompt(messages, engine.tokenizer, think=False)
+    assert not prompt.endswith(FMT.think_open)
+    [c] = engine.generate([prompt], sampling=Sampling(temperature=0, max_tokens=16), n=1,
+                          budget=Budget(max_answer_tokens=16), fmt=FMT)
+    for off in ({"reasoning_effort": "none"}, {"chat_template_kwargs": {"enable_thinking": False}}):
+        r = chat(server, messages=messages, max_tokens=16, temperature=0, **off).json()
+        msg = r["choices"][0]["message"]
+        assert (msg["reasoning_content"], msg["content"]) == (None, c.text), off
+        assert r["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    on = chat(server, messages=messages, max_tokens=32, temperature=0, thinking_token_budget=3,
+              reasoning_effort="high", response_format={"type": "text"}, logprobs=False).json()
+    assert on["usage"]["completion_tokens_details"]["reasoning_tokens"] <= 3
+    same = chat(server, messages=messages, max_tokens=32, temperature=0, max_thinking_tokens=3).json()
+    assert same["choices"][0]["message"] == on["choices"][0]["message"]
+
+
 # --- bad input ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("body, param", [
     ({"messages": "hi"}, "messages"),
@@ -229,6 +249,13 @@ def test_thinking_budget_fields(server, engine, bounds):
     ({"messages": [{"role": "user", "content": "x"}], "thinking_extensions": "many"}, "thinking_extensions"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 100_000}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x" * 5000}]}, "messages"),  # over the 1024-token context
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "max"}, "reasoning_effort"),
+    ({"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "none", "max_thinking_tokens": 8},
+     "max_thinking_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "thinking_token_budget": 4, "max_thinking_tokens": 8},
+     "thinking_token_budget"),
 ])
 def test_bad_fields_are_400_naming_the_field(server, body, param):
     err = error_of(chat(server, **body), 400)

@@ -353,11 +353,14 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+GENERIC = {"model", "hf", "final", "merged", "output"}  # folder names that say nothing about the model
+
+
 def short_name(model: str) -> str:
-    """A model's name in tables and legends: its directory, or the run's for a run's `model` folder
-    (runs/rl/model -> rl), so two runs' models do not both read "model"."""
+    """A model's name in tables and legends: its directory, or its parent's for a generic folder name
+    (runs/rl/model -> rl, models/smollm2/hf -> smollm2), so two models do not both read "model"."""
     p = Path(str(model))
-    return (p.parent.name if p.name == "model" and p.parent.name else p.name) or str(model)
+    return (p.parent.name if p.name in GENERIC and p.parent.name else p.name) or str(model)
 
 
 def _fmt(v, digits=1) -> str:

@@ -6,7 +6,7 @@ it reaches the engine. Limits that depend on the served model (its context) or o
 characters, messages, prompt tokens) are checked in app.py, before any tokenisation.
 """
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -20,6 +20,13 @@ class StreamOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = Field(False, description="send a last chunk with the usage before [DONE]")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: plain text only (no constrained decoding here)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"] = Field(description="text; the JSON modes are refused")
 
 
 class CommonRequest(BaseModel):
@@ -47,6 +54,9 @@ class CommonRequest(BaseModel):
     thinking_extensions: StrictInt = budget_field("extensions", le=64)
     extension_string: StrictStr = budget_field("extension_string", max_length=256)
     answer_prefix: StrictStr = budget_field("answer_prefix", max_length=256)
+    thinking_token_budget: StrictInt | None = budget_field("max_thinking_tokens",
+                                                           description="vLLM's name for max_thinking_tokens")
+    response_format: ResponseFormat | None = Field(None, description="only {'type': 'text'} is supported")
 
 
 class TextPart(BaseModel):
@@ -74,12 +84,24 @@ class ChatRequest(CommonRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far (at most the server's max_messages)")
+    logprobs: StrictBool | None = Field(None, description="not supported: only false")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="not supported: only 0")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="'none' answers without thinking; the others think (the budget fields set how much)")
+    chat_template_kwargs: dict[StrictStr, Any] | None = Field(
+        None, description="passed to the chat template; enable_thinking: false answers without thinking")
+
+    @property
+    def thinks(self) -> bool:
+        """Whether the reply opens thinking (off with reasoning_effort 'none' or enable_thinking false)."""
+        return self.reasoning_effort != "none" and (self.chat_template_kwargs or {}).get("enable_thinking") is not False
 
 
 class CompletionRequest(CommonRequest):
     """POST /v1/completions."""
 
     prompt: StrictStr | list[StrictStr] = Field(description="one prompt or a list of prompts")
+    logprobs: StrictInt | None = Field(None, ge=0, le=5, description="not supported: only null or 0")
 
 
 # --- errors ---------------------------------------------------------------------------------------------

@@ -176,6 +176,25 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, **setti
                                 f"{config.max_prompt_tokens}; send fewer or shorter prompts", param=param,
                            code="prompt_too_long")
 
+    def unsupported(req: CommonRequest, think: bool):
+        """Fields clients send that this server accepts only in their neutral form: a 400 naming the field."""
+        if req.response_format is not None and req.response_format.type != "text":
+            raise APIError(400, f"response_format: {req.response_format.type!r} is not supported (no constrained "
+                                "decoding); drop response_format or use {'type': 'text'}", param="response_format",
+                           code="unsupported_value")
+        if getattr(req, "logprobs", None) or getattr(req, "top_logprobs", None):
+            raise APIError(400, "logprobs: not supported by this server; drop logprobs and top_logprobs",
+                           param="logprobs", code="unsupported_value")
+        if (req.thinking_token_budget is not None and req.max_thinking_tokens is not None
+                and req.thinking_token_budget != req.max_thinking_tokens):
+            raise APIError(400, "thinking_token_budget: differs from max_thinking_tokens (two names of one field); "
+                                "send one", param="thinking_token_budget", code="invalid_value")
+        if not think and (req.max_thinking_tokens is not None or req.thinking_token_budget is not None
+                          or req.min_thinking_tokens or req.thinking_extensions):
+            raise APIError(400, "max_thinking_tokens: this request turns thinking off (reasoning_effort 'none' or "
+                                "enable_thinking false), so a thinking budget has nothing to act on; drop one",
+                           param="max_thinking_tokens", code="invalid_value")
+
     def settings_of(req: CommonRequest, prompt_tokens: int, prompts: int) -> tuple[Sampling, Budget]:
         """Sampling and budget for a request whose longest prompt has prompt_tokens tokens."""
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -201,7 +220,8 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, **setti
         sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
                             stop=stop, seed=req.seed)
         try:  # Budget's own validation (min_thinking_tokens <= max_thinking_tokens), named with the API's fields
-            budget = Budget(max_thinking_tokens=req.max_thinking_tokens, min_thinking_tokens=req.min_thinking_tokens,
+            budget = Budget(max_thinking_tokens=req.max_thinking_tokens if req.max_thinking_tokens is not None
+                            else req.thinking_token_budget, min_thinking_tokens=req.min_thinking_tokens,
                             extensions=req.thinking_extensions, extension_string=req.extension_string,
                             answer_prefix=req.answer_prefix, max_answer_tokens=max_tokens)
         except ValidationError as e:
@@ -243,16 +263,18 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, **setti
             return None
         raise timed_out()
 
-    def usage(prompt_tokens: int, outs: list[Completion]) -> dict:
+    def usage(prompt_tokens: int, outs: list[Completion], think: bool = True) -> dict:
         completion = sum(len(c.token_ids) for c in outs)
+        reasoning = sum(c.thinking_tokens for c in outs) if think else 0
         metrics.tokens["prompt"] += prompt_tokens
         metrics.tokens["completion"] += completion
-        metrics.tokens["reasoning"] += sum(c.thinking_tokens for c in outs)
+        metrics.tokens["reasoning"] += reasoning
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion,
-                "completion_tokens_details": {"reasoning_tokens": sum(c.thinking_tokens for c in outs)}}
+                "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
-    def stream(job: Job, arrived: float, request_id: str, obj: str, chunks, prompt_tokens: int, include_usage: bool):
+    def stream(job: Job, arrived: float, request_id: str, obj: str, chunks, prompt_tokens: int, include_usage: bool,
+               think: bool = True):
         """SSE: `chunks(outs)` yields the choice deltas once the completions are in."""
 
         async def events():
@@ -270,9 +292,9 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, **setti
                 for choice in chunks(outs):
                     yield sse({**base, "choices": [choice]})
                 if include_usage:
-                    yield sse({**base, "choices": [], "usage": usage(prompt_tokens, outs)})
+                    yield sse({**base, "choices": [], "usage": usage(prompt_tokens, outs, think)})
                 else:
-                    usage(prompt_tokens, outs)
+                    usage(prompt_tokens, outs, think)
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (or we are done): free the job's place or rows
                 if not job.future.done():
@@ -305,27 +327,33 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, **setti
                                 f"{config.max_messages}; send fewer", param="messages", code="too_many_messages")
         check_chars([m.text for m in req.messages], "messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
-        ids = await tokenize(encoder.chat, messages)
+        think = req.thinks
+        unsupported(req, think)
+        ids = await tokenize(encoder.chat, messages, req.chat_template_kwargs, think)
         job = submit([ids], req, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        def split(c: Completion) -> tuple[str | None, str]:  # (reasoning_content, content)
+            return (c.thinking, c.answer) if think else (None, c.text)
+
         if req.stream:
             def chunks(outs):
                 for i, c in enumerate(outs):
-                    for p in pieces(c.thinking):
+                    reasoning, content = split(c)
+                    for p in pieces(reasoning or ""):
                         yield {"index": i, "delta": {"reasoning_content": p}, "finish_reason": None}
-                    for p in pieces(c.answer):
+                    for p in pieces(content):
                         yield {"index": i, "delta": {"content": p}, "finish_reason": None}
                     yield {"index": i, "delta": {}, "finish_reason": finish_reason(c)}
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return stream(job, arrived, rid, "chat.completion.chunk", chunks, len(ids), include)
+            return stream(job, arrived, rid, "chat.completion.chunk", chunks, len(ids), include, think)
         outs = await wait(job, arrived, request)
         if outs is None:
             return Response(status_code=499)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": c.answer,
-                                                     "reasoning_content": c.thinking},
+                "choices": [{"index": i, "message": {"role": "assistant", "content": split(c)[1],
+                                                     "reasoning_content": split(c)[0]},
                              "logprobs": None, "finish_reason": finish_reason(c)} for i, c in enumerate(outs)],
-                "usage": usage(len(ids), outs)}
+                "usage": usage(len(ids), outs, think)}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -339,6 +367,7 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, **setti
             raise APIError(400, f"prompt: {len(texts)} prompts exceed the server's batch of {config.max_batch}; "
                                 "send fewer", param="prompt", code="invalid_value")
         check_chars(texts, "prompt")
+        unsupported(req, True)
         ids = await tokenize(lambda: [encoder.completion(t) for t in texts])
         job = submit(ids, req, "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"

@@ -8,9 +8,11 @@ chat template's own control tokens stay control tokens: the template is rendered
 message's content, its text encoded as usual and each content as user text. `allow_special_tokens` (the
 server's `--allow-special-tokens`) restores plain `tokenizer.encode` of the whole prompt.
 
-The tokenizer's own additions (a BOS some tokenizers put in front) are kept, as `tokenizer.encode` adds them.
+The tokenizer's own additions (a BOS some tokenizers put in front) are kept for raw prompts, as
+`tokenizer.encode` adds them; a chat template writes its own, so chat prompts get none added.
 """
 
+from budgetthink.formats import has_chat_template
 from budgetthink.serve.api import APIError
 
 MARK = "\ue000{}\ue001"  # placeholder for message i's content (private-use characters: no template touches them)
@@ -55,33 +57,36 @@ class PromptEncoder:
             return self.tokenizer.encode(text + self.fmt.think_open)
         return [*self.head, *self.user(text), *self.plain(self.fmt.think_open), *self.tail]
 
-    def chat(self, messages: list[dict]) -> list[int]:
-        """The chat template's prompt (then the opening delimiter), each message's content encoded as user text."""
+    def chat(self, messages: list[dict], template_kwargs: dict | None = None, think: bool = True) -> list[int]:
+        """The chat template's prompt (then the opening delimiter unless `think` is off), each message's content
+        encoded as user text; template_kwargs go to the template."""
+        render = lambda ms: self.render(ms, template_kwargs, think)  # noqa: E731
+        own = not has_chat_template(self.tokenizer)  # a template writes its own BOS: the tokenizer's would double it
         if self.allow_special:
-            return self.tokenizer.encode(self.render(messages))
+            return self.tokenizer.encode(render(messages), add_special_tokens=own)
         marks = [MARK.format(i) for i in range(len(messages))]
-        text = self.render([{**m, "content": mark} for m, mark in zip(messages, marks)])
+        text = render([{**m, "content": mark} for m, mark in zip(messages, marks)])
         ids, at = [], 0
         for mark, m in zip(marks, messages):
             j = text.find(mark, at)
             if j < 0:  # the template rewrote a content (it may drop or edit some): encode it whole, refusing control strings
-                return self._checked_whole(messages)
+                return self._checked_whole(messages, render)
             ids += self.plain(text[at:j]) + self.user(m["content"])
             at = j + len(mark)
-        return [*self.head, *ids, *self.plain(text[at:]), *self.tail]
+        return [*self.head, *ids, *self.plain(text[at:]), *self.tail] if own else ids + self.plain(text[at:])
 
-    def _checked_whole(self, messages: list[dict]) -> list[int]:
+    def _checked_whole(self, messages: list[dict], render) -> list[int]:
         for i, m in enumerate(messages):
             hit = next((c for c in self.control.values() if c and c in m["content"]), None)
             if hit is not None:
                 raise APIError(400, f"messages[{i}].content: holds the control token {hit!r}, which this model's chat "
                                     "template cannot keep as plain text; remove it (or serve with --allow-special-tokens)",
                                param=f"messages[{i}].content", code="invalid_value")
-        return self.tokenizer.encode(self.render(messages))
+        return self.tokenizer.encode(render(messages), add_special_tokens=not has_chat_template(self.tokenizer))
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], template_kwargs: dict | None = None, think: bool = True) -> str:
         try:
-            return self.fmt.chat_prompt(messages, self.tokenizer)
+            return self.fmt.chat_prompt(messages, self.tokenizer, template_kwargs=template_kwargs, think=think)
         except Exception as e:  # noqa: BLE001  (a chat template may refuse a conversation: roles must alternate...)
             raise APIError(400, f"messages: the model's chat template rejected them ({e})", param="messages",
                            code="invalid_value") from None
