@@ -122,8 +122,9 @@ def test_every_command_runs_on_smollm2(smol_dir, tmp_path):
 def test_serve_on_smollm2_thinks_or_answers(smol):
     """The server on a chat model: its template, thinking in reasoning_content under a budget, and with thinking
     off an ordinary answer in content (what a client without reasoning support shows)."""
-    from budgetthink.serve import create_app
     from test_serve import Server
+
+    from budgetthink.serve import create_app
 
     with Server(create_app(smol, "smol", FMT)) as s:
         ask = {"model": "smol", "messages": [{"role": "user", "content": "What is 12 times 7?"}], "temperature": 0,

@@ -60,7 +60,7 @@ class PromptEncoder:
     def chat(self, messages: list[dict], template_kwargs: dict | None = None, think: bool = True) -> list[int]:
         """The chat template's prompt (then the opening delimiter unless `think` is off), each message's content
         encoded as user text; template_kwargs go to the template."""
-        render = lambda ms: self.render(ms, template_kwargs, think)  # noqa: E731
+        render = lambda ms: self.render(ms, template_kwargs, think)
         own = not has_chat_template(self.tokenizer)  # a template writes its own BOS: the tokenizer's would double it
         if self.allow_special:
             return self.tokenizer.encode(render(messages), add_special_tokens=own)
