@@ -63,6 +63,54 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, words):
         assert w in err
 
 
+# file-system faults and outputs that would destroy something: a one-line error, exit 2, nothing changed.
+# MODEL is the tiny test model; BROKEN a copy with its weights truncated; p.jsonl an existing problem file.
+@pytest.mark.parametrize("args, words", [
+    (["data", "generate", "--task", "countdown", "--n", "2", "--out", "p.jsonl"], ["p.jsonl exists", "--force"]),
+    (["data", "score", "--task", "countdown", "--in", "p.jsonl", "--out", "p.jsonl"], ["also the input"]),
+    (["curate", "--in", "p.jsonl", "--n", "2", "--out", "p.jsonl"], ["also the input"]),
+    (["curate", "--in", "empty.jsonl", "--n", "2", "--out", "c.jsonl"], ["no traces"]),
+    (["data", "generate", "--task", "countdown", "--n", "2", "--out", "."], ["is a directory"]),
+    (["data", "generate", "--task", "countdown", "--n", "2", "--out", "/proc/none/p.jsonl"], ["/proc/none"]),
+    (["sft", "--model", "MODEL", "--data", ".", "--out", "s", "max_steps=1"], ["Is a directory"]),
+    (["rl", "--out", "p.jsonl", "model=MODEL", "max_steps=1", "train_size=50", "eval_size=5"], ["p.jsonl"]),
+    (["generate", "--model", "MODEL", "--n", "1", "--max-tokens", "100000"], ["--max-tokens", "context"]),
+    (["generate", "--model", "BROKEN", "--n", "1"], ["BROKEN", "truncated or damaged"]),
+])
+def test_faults_are_one_line_exit_2_and_change_nothing(tmp_path, tiny_model_dir, args, words):
+    import shutil
+
+    (tmp_path / "p.jsonl").write_text('{"id": "x"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "BROKEN")
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:1000])
+    before = {p: p.read_bytes() for p in tmp_path.glob("*.jsonl")}
+    r = run(*[str(tiny_model_dir) if a == "MODEL" else a.replace("model=MODEL", f"model={tiny_model_dir}")
+              for a in args], cwd=tmp_path)
+    err = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+    assert r.returncode == 2 and err.startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for w in words:
+        assert w in err, err
+    assert {p: p.read_bytes() for p in tmp_path.glob("*.jsonl")} == before
+
+
+def test_outputs_are_world_readable_and_force_overwrites(tmp_path):
+    out = tmp_path / "p.jsonl"
+    assert run("data", "generate", "--task", "countdown", "--n", "2", "--out", str(out)).returncode == 0
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+    first = out.read_text()
+    r = run("data", "generate", "--task", "countdown", "--n", "3", "--out", str(out), "--force")
+    assert r.returncode == 0 and out.read_text() != first and len(out.read_text().splitlines()) == 3
+
+
+def current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_malformed_line_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "task": "countdown", "prompt": "p", "answer": {"target": 3, "numbers": [1, 2]}, '

@@ -55,6 +55,7 @@ ExtString = Annotated[str | None, typer.Option("--extension-string", help="Appen
 AnsPrefix = Annotated[str | None, typer.Option("--answer-prefix", help="Appended after a forced end of thinking.")]
 MaxAnswer = Annotated[int | None, typer.Option("--max-answer-tokens", help="Cap on answer tokens after thinking.")]
 Format = Annotated[str, typer.Option("--format", help="Think format: tinyzero, s1 or r1.")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists (never an input).")]
 Prompt = Annotated[str, typer.Option("--prompt", help="auto: the model's chat template when it has one, else the "
                                      "raw prompt; chat: insist on the template; raw: never use it.")]
 Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
@@ -168,22 +169,22 @@ def sft(out: Out, config: Config = None,
 
 @data_app.command("generate")
 def data_generate(task: TaskOpt, n: Annotated[int, typer.Option(help="Number of problems.")], out: Out,
-                  seed: Seed = 0, options: TaskOptions = None):
+                  seed: Seed = 0, force: Force = False, options: TaskOptions = None):
     """Write N problems of a task as JSONL (task options as key=value, e.g. num_numbers=4 split=test)."""
     from budgetthink.data import problems
 
-    _print_json(problems.generate(task, n, seed, out, _options(options)))
+    _print_json(problems.generate(task, n, seed, out, _options(options), force=force))
 
 
 @data_app.command("score")
 def data_score(task: TaskOpt, inp: Annotated[Path, typer.Option("--in", help="JSONL of problem fields plus `completion`.")],
                out: Annotated[Path | None, typer.Option("--out", help="Write scored lines here.")] = None,
                skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed lines (and count them).")] = False,
-               options: TaskOptions = None):
+               force: Force = False, options: TaskOptions = None):
     """Score completions: prints mean reward, accuracy and format rate."""
     from budgetthink.data import problems
 
-    _print_json(problems.score(task, inp, out, skip_bad, _options(options)))
+    _print_json(problems.score(task, inp, out, skip_bad, _options(options), force=force))
 
 
 @app.command()
@@ -229,14 +230,15 @@ def curate(inp: Annotated[Path, typer.Option("--in", help="Traces JSONL (from di
            keep_field: Annotated[str | None, typer.Option(help="Record field marking problems to always keep.")] = None,
            prefer_long: Annotated[bool, typer.Option(help="s1: favour longer traces within a domain; "
                                                      "--no-prefer-long draws uniformly.")] = True,
-           format: Format = "tinyzero"):
+           format: Format = "tinyzero", force: Force = False):
     """s1K-style selection: quality, difficulty, diversity, decontamination; writes funnel.json and a PNG."""
     from budgetthink.data.curate import curate as run
 
     models = [m for m in (difficulty_models or "").split(",") if m]
     _print_json(run(inp, n, out, seed=seed, require_correct=require_correct, max_chars=max_chars,
                     difficulty_models=models, domain_field=domain_field, clusters=clusters,
-                    decontaminate=decontaminate or [], keep_field=keep_field, prefer_long=prefer_long, fmt=format))
+                    decontaminate=decontaminate or [], keep_field=keep_field, prefer_long=prefer_long, fmt=format,
+                    force=force))
 
 
 @app.command("eval")
@@ -392,6 +394,12 @@ def main():
         if DEBUG:
             raise
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the file system refused (permissions, a directory where a file goes, a full disk...)
+        if DEBUG or e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror or e}; check the path and its permissions (nothing else was "
+              "changed)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -122,7 +122,7 @@ def run(out: Path, quick: bool = False, preset: str | None = None, cache_dir: Pa
     traces, selected = out / "distill" / "traces.jsonl", out / "curate" / "selected.jsonl"
     _stage(out, "distill", lambda: distill("countdown", "solver", s.distill_n, traces, seed=1,
                                            task_options={"split": "train"}))
-    _stage(out, "curate", lambda: curate(traces, s.curate_n, selected, seed=0, prefer_long=False))
+    _stage(out, "curate", lambda: curate(traces, s.curate_n, selected, seed=0, prefer_long=False, force=True))
 
     def sft_stage():
         cfg = load_config(sft.SFTConfig, _recipe("tiny-s1-sft.yaml"),

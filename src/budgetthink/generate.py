@@ -40,6 +40,10 @@ def run(model, task: str, n: int, seed: int, budget: Budget | None, sampling: Sa
     if sampling.seed is None:
         sampling = sampling.model_copy(update={"seed": seed})
     engine = engine or load_engine(model, backend="torch", device=device, dtype=dtype)
+    context = getattr(engine, "context", None)
+    if context is not None and sampling.max_tokens >= context:
+        raise UserError(f"--max-tokens {sampling.max_tokens} cannot be reached: the model's context is {context} "
+                        "tokens, prompt included; lower it")
     prompter = Prompter(think, engine.tokenizer, prompt)
     encoded = [prompter.encode(p.prompt) for p in problems]
     prompts = [text for text, _ in encoded]

@@ -4,7 +4,9 @@
   leaves at most one half-written last line.
 - `read_jsonl` names file and line of a malformed record (or skips it with `skip_bad=True`), and always
   ignores a half-written *last* line with no newline (the mark of a crash), which `repair_jsonl` removes.
-- `atomic_write_text` / `atomic_write_json` write to a temporary name and rename.
+- `atomic_write_text` / `atomic_write_json` write to a temporary name and rename; files get the usual
+  permissions (0644 under the common umask), not the temporary file's 0600.
+- `fresh_output` refuses, before any work, to overwrite an existing output without `force`, or an input ever.
 """
 
 import json
@@ -15,6 +17,23 @@ from pathlib import Path
 from typing import Any
 
 from budgetthink.errors import UserError
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file
+
+
+def fresh_output(out: str | Path, force: bool = False, inputs=()) -> Path:
+    """`out` as a Path, once it is safe to write: not one of `inputs`, not a directory, and not an existing file
+    unless `force` (a UserError before anything is written otherwise)."""
+    out = Path(out)
+    if any(Path(i).resolve() == out.resolve() for i in inputs):
+        raise UserError(f"--out {out} is also the input; write to another file (nothing was written)")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; name a file in it")
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite it, or choose another --out (nothing was written)")
+    return out
 
 
 def iter_jsonl(path: str | Path, skip_bad: bool = False, stats: dict | None = None) -> Iterator[dict]:
@@ -90,6 +109,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -56,7 +56,7 @@ from pathlib import Path
 from budgetthink.engine import Budget, Sampling
 from budgetthink.errors import UserError
 from budgetthink.formats import get_format
-from budgetthink.jsonl import atomic_write_json, iter_jsonl, write_jsonl
+from budgetthink.jsonl import atomic_write_json, fresh_output, iter_jsonl, write_jsonl
 from budgetthink.tasks import Problem, get_task
 
 NGRAM = 8
@@ -354,7 +354,7 @@ def _curate(inp: str | Path, n: int | None, out: str | Path, seed: int = 0, requ
            engine: str = "torch", domain_field: str | None = None, clusters: int | None = None,
            decontaminate=(), keep_field: str | None = None, domain_draw: str = "rounds", prefer_long: bool = True,
            fmt: str = "tinyzero", task_options: dict | None = None, funnel_path: str | Path | None = None,
-           plot_path: str | Path | None = None) -> dict:
+           plot_path: str | Path | None = None, force: bool = False) -> dict:
     """Select up to n traces from `inp` into `out`; returns the funnel (also written to funnel.json).
 
     n=None keeps every survivor of the filters (no selection). task_options: {task name: options} used to
@@ -366,12 +366,15 @@ def _curate(inp: str | Path, n: int | None, out: str | Path, seed: int = 0, requ
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     think_fmt = get_format(fmt)
-    out = Path(out)
+    out = fresh_output(out, force, inputs=[inp])
     funnel_path = Path(funnel_path) if funnel_path else out.parent / "funnel.json"
     plot_path = Path(plot_path) if plot_path else out.parent / "curation.png"
 
     bad: dict = {}
     records = list(iter_jsonl(inp, skip_bad=True, stats=bad))
+    if not records:
+        raise UserError(f"{inp} holds no traces ({bad.get('bad', 0)} malformed lines); write traces with "
+                        "`budgetthink distill` first")
     stages = [{"stage": "input", "count": len(records) + bad.get("bad", 0), "note": "lines read, malformed included"}]
 
     pool, dropped = quality(records, think_fmt, require_correct, max_chars, max_thinking_tokens)

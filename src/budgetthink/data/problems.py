@@ -17,7 +17,7 @@ import yaml
 from tqdm import tqdm
 
 from budgetthink.errors import UserError
-from budgetthink.jsonl import read_jsonl, write_jsonl
+from budgetthink.jsonl import fresh_output, read_jsonl, write_jsonl
 from budgetthink.tasks import Problem, get_task
 
 
@@ -35,18 +35,21 @@ def parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def generate(task: str, n: int, seed: int, out: str | Path, options: dict | None = None) -> dict:
+def generate(task: str, n: int, seed: int, out: str | Path, options: dict | None = None, force: bool = False) -> dict:
     """Write n problems of `task` (built with `options`) to `out` as JSONL; returns a summary."""
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
+    fresh_output(out, force)
     problems = get_task(task, **(options or {})).generate(n, seed)
     write_jsonl(out, (p.to_dict() for p in problems))
     return {"task": task, "n": len(problems), "seed": seed, "out": str(out)}
 
 
 def score(task: str, inp: str | Path, out: str | Path | None = None, skip_bad: bool = False,
-          options: dict | None = None) -> dict:
+          options: dict | None = None, force: bool = False) -> dict:
     """Score the completions in `inp` with `task`; write scored lines to `out` (if given); return the summary."""
+    if out is not None:
+        fresh_output(out, force, inputs=[inp])
     scorer = get_task(task, **(options or {}))
     stats: dict = {}
     records = read_jsonl(inp, skip_bad=skip_bad, stats=stats)

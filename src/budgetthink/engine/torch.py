@@ -284,10 +284,15 @@ class TorchEngine:
             model_or_path, tokenizer = model_or_path
         if isinstance(model_or_path, (str, Path)):
             path = model_dir(model_or_path)
+            from safetensors import SafetensorError
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
+            except (OSError, ValueError, SafetensorError) as e:  # a truncated or damaged weights file
+                raise UserError(f"cannot load the model in {path} ({str(e).splitlines()[0]}); its weights may be "
+                                "truncated or damaged: save or copy the model again") from None
             model.to(device)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
         else:

@@ -408,6 +408,14 @@ def run(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     from budgetthink.formats import get_format
     from budgetthink.ledger import stage_ledger
 
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # before minutes of loading
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
     think_format = get_format(fmt)
     eng = load_engine(str(model), backend=engine, **(engine_options or {}))
     app = create_app(eng, str(model), think_format, api_key=api_key, **settings)

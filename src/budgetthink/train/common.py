@@ -110,6 +110,7 @@ def load_model(name: str, ckpt: Path | None, lora: LoRA | None, gradient_checkpo
     """(model, tokenizer): from `name`, or on a resume from the checkpoint's model/. With LoRA the base is always
     `name` and the adapters come from the checkpoint (or are new). `hint` ends the error when loading fails.
     The tokenizer must have an end-of-text token (completions stop on it); padding falls back to it."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = ckpt / "model" if ckpt else name
@@ -117,7 +118,7 @@ def load_model(name: str, ckpt: Path | None, lora: LoRA | None, gradient_checkpo
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
         model = AutoModelForCausalLM.from_pretrained(base, **from_pretrained)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # missing, or a truncated or damaged weights file
         raise UserError(f"cannot load model {base} ({str(e).splitlines()[0]}); {hint}") from None
     if tokenizer.eos_token is None:
         raise UserError(f"tokenizer of {base} has no end-of-text token; set eos_token in its tokenizer_config.json")
