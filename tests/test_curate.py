@@ -130,7 +130,8 @@ def test_decontamination_catches_a_planted_duplicate(tmp_path):
     assert stage["template_ngrams_ignored"] > 0  # the shared instruction alone flags nothing
     # seven shared words are not enough
     (tmp_path / "eval7.txt").write_text(" ".join(planted[5:12]) + "\n")
-    funnel = curate(inp, None, tmp_path / "sel.jsonl", decontaminate=[tmp_path / "eval7.txt"], domain_field="task")
+    funnel = curate(inp, None, tmp_path / "sel.jsonl", decontaminate=[tmp_path / "eval7.txt"], domain_field="task",
+                    force=True)
     assert funnel["stages"][2]["dropped"] == 0
 
 
