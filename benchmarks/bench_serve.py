@@ -1,12 +1,15 @@
-"""Serving throughput: requests per second and p50/p99 latency at concurrency 1 and 16 against one server.
+"""Serving throughput: requests per second and p50/p99 latency at concurrency 1 and 16 against one server,
+for an identical and a mixed workload.
 
-    python benchmarks/bench_serve.py [--model DIR | --preset test|small] [--requests 96] [--max-tokens 32]
+    python benchmarks/bench_serve.py [--model DIR | --preset test|small] [--requests 96] [--mixed 500] [--max-tokens 32]
 
-The server (`budgetthink.serve.run`, torch engine) runs in a subprocess on 127.0.0.1; this process is the
-client (httpx, asyncio). Every request is the same kind of /v1/completions call (temperature 1, no seed, so
-the server may batch them); each concurrency level sends the same prompts after a short warm-up. The target
-is >= 5x the throughput at 16 as at 1 (dynamic batching). Writes benchmarks/results/bench_serve.json: the
-machine, the settings, each level's raw latencies and figures, and the ratio.
+The server (`budgetthink.serve.run`, torch engine, continuous batching) runs in a subprocess on 127.0.0.1; this
+process is the client (httpx, asyncio). Identical workload: the same kind of /v1/completions call every time
+(temperature 1, `--max-tokens`), at concurrency 1 and 16. Mixed workload, at 16: every request differs from its
+neighbours in temperature (0 / 0.7 / 1), max_tokens (8 to `--max-tokens`), thinking budget (none, a cap, a
+floor with an extension), n (1 or 2), streaming (one in four) and endpoint (chat or completions). Writes
+benchmarks/results/bench_serve.json: the machine, the settings, each level's raw latencies and figures, and a
+`summary` with each target beside its figure.
 """
 
 import argparse
@@ -34,7 +37,21 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s), max(1, math.ceil(q / 100 * len(s)))) - 1]
 
 
-async def level(url: str, model: str, concurrency: int, prompts: list[str], max_tokens: int) -> dict:
+def identical(model: str, prompt: str, i: int, max_tokens: int) -> tuple[str, dict]:
+    return "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0}
+
+
+def mixed(model: str, prompt: str, i: int, max_tokens: int) -> tuple[str, dict]:
+    """Request i of the mixed workload: its own sampling, length, budget, n, streaming and endpoint."""
+    body = {"model": model, "max_tokens": 8 + i * 7 % (max_tokens - 7), "temperature": [0.0, 0.7, 1.0][i % 3],
+            "n": 1 + (i % 5 == 0), "stream": i % 4 == 0}
+    body.update([{}, {"max_thinking_tokens": 6}, {"min_thinking_tokens": 4, "thinking_extensions": 1}][i % 3 - 1])
+    if i % 2:
+        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": prompt}]}
+    return "/v1/completions", {**body, "prompt": prompt}
+
+
+async def level(url: str, model: str, concurrency: int, prompts: list[str], max_tokens: int, make=identical) -> dict:
     """Send every prompt once with `concurrency` requests in flight; latencies and throughput."""
     sem = asyncio.Semaphore(concurrency)
     latencies, tokens, failures = [], [], 0
@@ -42,12 +59,17 @@ async def level(url: str, model: str, concurrency: int, prompts: list[str], max_
         async def one(prompt):
             nonlocal failures
             async with sem:
+                route, body = make(model, prompt, prompts.index(prompt), max_tokens)
+                if body.get("stream"):
+                    body["stream_options"] = {"include_usage": True}
                 t0 = time.perf_counter()
-                r = await client.post("/v1/completions", json={"model": model, "prompt": prompt,
-                                                               "max_tokens": max_tokens, "temperature": 1.0})
+                r = await client.post(route, json=body)
                 latencies.append(time.perf_counter() - t0)
-                if r.status_code != 200:
+                if r.status_code != 200 or (body.get("stream") and not r.text.rstrip().endswith("data: [DONE]")):
                     failures += 1
+                elif body.get("stream"):
+                    usage = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")][-1]["usage"]
+                    tokens.append(usage["completion_tokens"])
                 else:
                     tokens.append(r.json()["usage"]["completion_tokens"])
 
@@ -62,6 +84,20 @@ async def level(url: str, model: str, concurrency: int, prompts: list[str], max_
             "latencies_s": [round(x, 5) for x in latencies], "metrics_after": metrics_subset(metrics)}
 
 
+def summary_of(results: dict, ratio: float, args) -> dict:
+    """Each target beside its figure. Mixed requests differ in length, so throughput compares tokens per second."""
+    m, same = results["mixed"], results[16]
+    share = m["completion_tokens_per_s"] / same["completion_tokens_per_s"]
+    tail = m["p99_latency_s"] / m["p50_latency_s"]
+    name = "tiny-" + args.preset if args.model_given is None else Path(args.model).name
+    return {name: {
+        "identical": {"throughput_16_over_1": ratio, "target": 8.0, "met": ratio >= 8.0,
+                      **{f"c{c}_{k}": results[c][k] for c in (1, 16) for k in ("p50_latency_s", "p99_latency_s")}},
+        "mixed": {"tokens_per_s_share_of_identical": share, "target_share": 0.8, "share_met": share >= 0.8,
+                  "p99_over_p50": tail, "target_tail": 3.0, "tail_met": tail <= 3.0, "requests": m["requests"],
+                  "failures": m["failures"], "failures_met": m["failures"] == 0 and m["requests"] >= 500}}}
+
+
 def metrics_subset(text: str) -> dict:
     keep = ("budgetthink_batches_total", "budgetthink_batch_rows_total", "budgetthink_engine_seconds_total")
     return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.split(" ")[0] in keep}
@@ -73,13 +109,14 @@ def main():
     ap.add_argument("--preset", default="test", help="tiny preset when --model is not given: test or small")
     ap.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
     ap.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request")
+    ap.add_argument("--mixed", type=int, default=500, help="requests of the mixed workload (at concurrency 16)")
     ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="the server's intra-op threads (OMP_NUM_THREADS); a tiny model gains nothing from more, "
                          "and on a busy machine more threads spin against other work")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_serve.json"))
     args = ap.parse_args()
-
+    args.model_given = args.model
     if args.model is None:
         from budgetthink import tiny
 
@@ -106,10 +143,13 @@ def main():
         prompts = [f"{10 + i % 90}*{3 + i // 90}=" for i in range(args.requests)]  # distinct short prompts
         asyncio.run(level(url, args.model, 4, prompts[:8], args.max_tokens))  # warm-up
         results = {}
-        for c in (1, 16):
-            results[c] = asyncio.run(level(url, args.model, c, prompts, args.max_tokens))
-            r = results[c]
-            print(f"concurrency {c:>2}: {r['requests_per_s']:.2f} req/s, p50 {r['p50_latency_s']:.3f} s, "
+        many = [f"{10 + i % 90}*{3 + i // 90}=" for i in range(args.mixed)]
+        for name, c, ps, make in ((1, 1, prompts, identical), (16, 16, prompts, identical),
+                                  ("mixed", 16, many, mixed)):
+            results[name] = asyncio.run(level(url, args.model, c, ps, args.max_tokens, make))
+            r = results[name]
+            print(f"{name} at concurrency {c:>2}: {r['requests_per_s']:.2f} req/s, "
+                  f"{r['completion_tokens_per_s']:.0f} tok/s, p50 {r['p50_latency_s']:.3f} s, "
                   f"p99 {r['p99_latency_s']:.3f} s, {r['failures']} failures", file=sys.stderr)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -129,7 +169,8 @@ def main():
                      "endpoint": "/v1/completions", "client": "httpx asyncio, same machine, separate process"},
         "concurrency_1": results[1],
         "concurrency_16": results[16],
-        "ratio": {"throughput_16_over_1": ratio, "target": 5.0, "met": ratio >= 5.0},
+        "mixed_16": results["mixed"],
+        "summary": summary_of(results, ratio, args),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
