@@ -231,7 +231,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir):
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           str(ROOT / "recipes/accelerate/cpu-ddp.yaml"), "--main_process_port", str(port), "-m", "budgetthink.train.sft",
+           str(ROOT / "recipes/accelerate/cpu-ddp.yaml"), "--main_process_port", str(port), "-m", "budgetthink", "sft",
            "--model", str(tiny_model_dir), "--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "two"), *common]
     done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -401,14 +401,13 @@ def run(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     With `out`, the run is recorded on shutdown as a `serve` line in OUT/ledger.jsonl. `settings` are
     ServeConfig's fields."""
     import contextlib
+    import socket
 
     import uvicorn
 
     from budgetthink.engine import load_engine
     from budgetthink.formats import get_format
     from budgetthink.ledger import stage_ledger
-
-    import socket
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # before minutes of loading
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds

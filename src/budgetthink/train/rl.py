@@ -1,7 +1,6 @@
 """R1-Zero-style RL with verifiable rewards: the GRPO family (grpo, dr_grpo, rloo, reinforce_pp) and PPO.
 
     budgetthink rl --config recipes/tiny-countdown-grpo.yaml --out runs/rl [key=value ...] [--resume]
-    python -m budgetthink.train.rl --config recipes/tiny-countdown-grpo.yaml --out runs/rl max_steps=2
 
 Each step: take the next prompts of the task (a fixed order per seed), sample n completions per prompt
 through the engine (under a thinking budget if one is set) with the current weights, score them with the
@@ -778,26 +777,3 @@ def train(cfg: RLConfig, out: Path, resume: bool = False) -> list[dict]:
         tracker.finish()
     model_card.write(out / "model", out, stage="rl")  # after the ledger line, so the card carries the bill
     return run.log.read()
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from budgetthink.config import load_config
-
-    ap = argparse.ArgumentParser(prog="python -m budgetthink.train.rl", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
-    try:
-        train(load_config(RLConfig, args.config, args.overrides), args.out, args.resume)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,6 @@
 
     budgetthink sft --config recipes/tiny-s1-sft.yaml --model runs/tiny-small --data selected.jsonl --out runs/sft
     budgetthink sft --config recipes/tiny-s1-sft.yaml --model runs/tiny-small --data selected.jsonl --out runs/sft --resume
-    python -m budgetthink.train.sft --config recipes/tiny-s1-sft.yaml --model M --data F --out DIR max_steps=3
     accelerate launch --multi_gpu --num_processes 2 -m budgetthink sft --config ... --out DIR   # 2 CPU processes (gloo)
     accelerate launch --config_file recipes/accelerate/fsdp.yaml -m budgetthink sft --config recipes/s1-qwen2.5-32b.yaml \
         --data s1K.jsonl --out runs/s1-32b                                                    # s1 on 16 GPUs
@@ -43,9 +42,7 @@ optimizer moments (a resume restarts them, with a warning); DeepSpeed needs one 
 step (its engine steps inside backward) and its own `gradient_clipping` setting.
 """
 
-import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -480,32 +477,3 @@ def train(cfg: SFTConfig, out: Path, resume: bool = False) -> dict:
     if is_main:  # after the ledger line, so the card carries the bill
         model_card.write(out / "model", out, stage="sft")
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from budgetthink.config import load_config
-
-    ap = argparse.ArgumentParser(prog="python -m budgetthink.train.sft", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", help="recipe YAML (e.g. recipes/tiny-s1-sft.yaml)")
-    ap.add_argument("--model", help="model directory to fine-tune (overrides the recipe's model)")
-    ap.add_argument("--data", help="JSONL of traces (overrides the recipe's data)")
-    ap.add_argument("--out", required=True, type=Path, help="output directory")
-    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = ap.parse_args(argv)
-    try:
-        defaults = {k: v for k, v in (("model", args.model), ("data", args.data)) if v is not None}
-        cfg = load_config(SFTConfig, args.config, args.overrides, defaults=defaults)
-        summary = train(cfg, args.out, args.resume)
-        if os.environ.get("RANK", "0") == "0":  # one process prints the result
-            print(json.dumps(summary))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
