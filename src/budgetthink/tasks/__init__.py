@@ -8,6 +8,7 @@
 A Problem round-trips through `{"id", "task", "prompt", "answer", "meta"}`.
 """
 
+import re
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -48,6 +49,41 @@ class Score:
 class Trace:
     thinking: str  # the reasoning, without delimiters
     answer: str  # the final answer text as the model should write it after thinking (e.g. "<answer>1+2</answer>")
+
+
+# --- helpers every task's scorer uses ---------------------------------------------------------------
+def last_answer(text: str) -> str | None:
+    """Inner text of the last `<answer>...</answer>`, matched as TinyZero's non-greedy regex would
+    (leftmost tag, first closing tag after it, repeated), in linear time; None if there is none."""
+    found, pos = None, 0
+    while True:
+        start = text.find("<answer>", pos)
+        if start < 0:
+            return found
+        end = text.find("</answer>", start + 8)
+        if end < 0:
+            return found
+        found, pos = text[start + 8:end], end + 9
+
+
+def parse_range(value, name: str) -> tuple[int, int]:
+    """(lo, hi) from an int, a 2-sequence, or a string "lo-hi" / "lo,hi" / "n"."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:[-,]\s*(\d+)\s*)?", value)
+        if not m:
+            raise UserError(f"{name}: cannot read {value!r} as a number or range; write e.g. {name}=3 or {name}=3-4")
+        value = (int(m[1]), int(m[2] or m[1]))
+    if isinstance(value, bool):
+        raise UserError(f"{name}: expected an integer or a range like [3, 4], got {value!r}")
+    if isinstance(value, int):
+        return value, value
+    try:
+        lo, hi = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name}: expected an integer or a range like [3, 4], got {value!r}") from None
+    if lo > hi:
+        raise UserError(f"{name}: range {lo}..{hi} is empty; write the smaller bound first")
+    return lo, hi
 
 
 class Task(Protocol):

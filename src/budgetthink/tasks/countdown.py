@@ -36,7 +36,7 @@ from fractions import Fraction
 from functools import lru_cache
 
 from budgetthink.errors import UserError
-from budgetthink.tasks import Problem, Score, Trace, check_split, in_split
+from budgetthink.tasks import Problem, Score, Trace, check_split, in_split, last_answer, parse_range
 from budgetthink.tasks.arith import MAX_CHARS, ArithError, evaluate
 
 TEMPLATES = ("compact", "base", "qwen-instruct")
@@ -64,40 +64,6 @@ COMPACT_TEMPLATE = "{spaced} -> {target}\n"  # "3 5 7 -> 22\n": short, for a cha
 MAX_NUMBERS = 5  # the exhaustive search (and its trace) grows too fast beyond this
 _ALLOWED = frozenset("0123456789+-*/() \t\n\r\f\v")
 CHECK = re.compile(r"=\d+(?:<|>|==)\d+")  # a final attempt's check in a trace: `=15<22`
-
-
-def last_answer(text: str) -> str | None:
-    """Inner text of the last `<answer>...</answer>`, matched as TinyZero's non-greedy regex would
-    (leftmost tag, first closing tag after it, repeated), in linear time; None if there is none."""
-    found, pos = None, 0
-    while True:
-        start = text.find("<answer>", pos)
-        if start < 0:
-            return found
-        end = text.find("</answer>", start + 8)
-        if end < 0:
-            return found
-        found, pos = text[start + 8:end], end + 9
-
-
-def parse_range(value, name: str) -> tuple[int, int]:
-    """(lo, hi) from an int, a 2-sequence, or a string "lo-hi" / "lo,hi" / "n"."""
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:[-,]\s*(\d+)\s*)?", value)
-        if not m:
-            raise UserError(f"{name}: cannot read {value!r} as a number or range; write e.g. {name}=3 or {name}=3-4")
-        value = (int(m[1]), int(m[2] or m[1]))
-    if isinstance(value, bool):
-        raise UserError(f"{name}: expected an integer or a range like [3, 4], got {value!r}")
-    if isinstance(value, int):
-        return value, value
-    try:
-        lo, hi = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name}: expected an integer or a range like [3, 4], got {value!r}") from None
-    if lo > hi:
-        raise UserError(f"{name}: range {lo}..{hi} is empty; write the smaller bound first")
-    return lo, hi
 
 
 # ---- the search: one rule set shared by the generator (reachable targets) and the solver (traces) ----

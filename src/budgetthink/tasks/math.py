@@ -21,8 +21,7 @@ from pathlib import Path
 
 from budgetthink.errors import UserError
 from budgetthink.jsonl import read_jsonl
-from budgetthink.tasks import Problem, Score, Trace
-from budgetthink.tasks.countdown import last_answer
+from budgetthink.tasks import Problem, Score, Trace, last_answer
 from budgetthink.tasks.limit import TimeLimited, Timeout
 
 TEMPLATES = ("boxed", "plain")

@@ -25,8 +25,7 @@ import random
 import re
 
 from budgetthink.errors import UserError
-from budgetthink.tasks import Problem, Score, Trace, check_split, in_split
-from budgetthink.tasks.countdown import last_answer, parse_range
+from budgetthink.tasks import Problem, Score, Trace, check_split, in_split, last_answer, parse_range
 
 TEMPLATES = ("compact", "base")
 
