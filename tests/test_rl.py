@@ -337,8 +337,9 @@ import sys
 sys.path.insert(0, {tests!r})
 from test_rl import digit_reward, score_with
 score_with(digit_reward)
-from budgetthink.train.rl import main
-sys.exit(main(sys.argv[1:]))
+from budgetthink.cli import main
+sys.argv = ["budgetthink", "rl", *sys.argv[1:]]
+main()
 """
 
 
