@@ -149,6 +149,9 @@ def test_rl_logs_every_step_to_tensorboard_with_trl_names_and_writes_a_card(tiny
     assert f"| accuracy | {start[0]['accuracy']:.4g} | {final['accuracy']:.4g} |" in card
     assert "| rl |" in card and "| tiny |" in card  # the bill, with the base model's own ledger line
     assert "log_completions_every: 1" in card  # the config
+    # a checkpoint's model directory carries the card of the run so far
+    ckpt_card = (tmp_path / "run" / "checkpoints" / "step_00000002" / "model" / "README.md").read_text()
+    assert f"base_model: {tiny_model_dir}" in ckpt_card and "- steps: 2 of max_steps 2" in ckpt_card
 
 
 def test_sft_logs_every_step_to_tensorboard_and_writes_a_card(tiny_model_dir, tmp_path):
@@ -175,6 +178,9 @@ def test_sft_logs_every_step_to_tensorboard_and_writes_a_card(tiny_model_dir, tm
     assert f"- base model: `{tiny_model_dir}`" in card and "- steps: 2 optimizer steps of 4 examples" in card
     assert f"8 traces ({summary['target_tokens']} target tokens)" in card
     assert f"Final training loss {summary['final_loss']:.4g}." in card and "| sft |" in card
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert ckpts and sorted(p.parent.parent.name for p in (tmp_path / "run" / "checkpoints").glob(
+        "step_*/model/README.md")) == ckpts  # each checkpoint's model directory has its card
 
 
 def test_tiny_pretraining_logs_to_tensorboard_and_its_build_carries_a_card(tmp_path):

@@ -186,10 +186,11 @@ def _fsync_tree(root: Path) -> None:
 
 
 def save_checkpoint(out: Path, step: int, model, tokenizer, state: dict, modules: dict | None = None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, stage: str | None = None) -> Path:
     """Write OUT/checkpoints/step_N atomically (temporary directory, then rename); keep the last `keep`.
 
-    `model` is saved with `save_pretrained` (with the tokenizer) into `model/`; each of `modules`
+    `model` is saved with `save_pretrained` (with the tokenizer) into `model/`, with the run's model card
+    when `stage` names it (a checkpoint's model is a model directory like any other); each of `modules`
     (name -> object with save_pretrained(dir)) into its own folder; `state` with torch.save."""
     root = Path(out) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -199,6 +200,10 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, state: dict, modules
     model.save_pretrained(tmp / "model")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "model")
+    if stage is not None:
+        from budgetthink import model_card
+
+        model_card.write(tmp / "model", Path(out), stage=stage)
     for name, module in (modules or {}).items():
         module.save_pretrained(tmp / name)
     torch.save({**state, "step": step}, tmp / STATE_FILE)

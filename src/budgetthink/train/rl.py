@@ -183,7 +183,7 @@ def checkpoint(run: Run) -> None:
         state |= {"critic_optimizer": run.critic_opt.state_dict(), "critic_scheduler": run.critic_sched.state_dict()}
         modules["critic"] = run.critic
     run.last_ckpt = save_checkpoint(run.out, run.step, run.model, run.tokenizer, state, modules,
-                                    keep=run.cfg.keep_checkpoints)
+                                    keep=run.cfg.keep_checkpoints, stage="rl")
 
 
 # --- rollouts -----------------------------------------------------------------------------------------------------

@@ -376,7 +376,8 @@ def checkpoint(run: Run) -> None:
         state = {"scheduler": run.scheduler.state_dict(), "rng": rng_state()}
         if not sharded:
             state["optimizer"] = run.optimizer.state_dict()
-        run.last_ckpt = save_checkpoint(run.out, run.step, model, run.tokenizer, state, keep=run.cfg.keep_checkpoints)
+        run.last_ckpt = save_checkpoint(run.out, run.step, model, run.tokenizer, state, keep=run.cfg.keep_checkpoints,
+                                        stage="sft")
     run.acc.wait_for_everyone()
 
 
