@@ -136,3 +136,17 @@ def test_serve_on_smollm2_thinks_or_answers(smol):
         msg = plain["choices"][0]["message"]
         assert msg["reasoning_content"] is None and msg["content"].strip() and "<think>" not in msg["content"]
         assert plain["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_template_that_closes_thinking_itself_is_refused_under_a_budget(smol):
+    """A template written for a non-thinking mode (it emits an empty <think></think> block) leaves budget forcing
+    nothing to act on: a budget with it is a clear error, not a silently wrong prompt."""
+    import copy
+
+    tok = copy.copy(smol.tokenizer)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                         "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    with pytest.raises(UserError, match="closes thinking itself"):
+        Prompter(FMT, tok, "auto").check_thinking()
+    Prompter(FMT, smol.tokenizer, "auto").check_thinking()  # SmolLM2's own template leaves thinking to the model
+    Prompter(FMT, tok, "raw").check_thinking()  # no template, nothing to check

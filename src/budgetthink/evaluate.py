@@ -575,6 +575,7 @@ def _run(models: list[str], task: str, n: int, seed: int, budgets: list[int], ex
                 options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
                 eng = engine if not isinstance(engine, str) else load_engine(model, backend=engine, **options)
                 loaded[model] = eng, Prompter(form, eng.tokenizer, prompt)
+                loaded[model][1].check_thinking()  # every setting here is a thinking budget
             eng, prompter = loaded[model]
             budget = Budget(max_thinking_tokens=s.max_thinking, extensions=s.extensions,
                             extension_string=extension_string, max_answer_tokens=max_answer_tokens)

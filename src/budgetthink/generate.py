@@ -45,6 +45,8 @@ def run(model, task: str, n: int, seed: int, budget: Budget | None, sampling: Sa
         raise UserError(f"--max-tokens {sampling.max_tokens} cannot be reached: the model's context is {context} "
                         "tokens, prompt included; lower it")
     prompter = Prompter(think, engine.tokenizer, prompt)
+    if budget is not None:
+        prompter.check_thinking()
     encoded = [prompter.encode(p.prompt) for p in problems]
     prompts = [text for text, _ in encoded]
     from rich.console import Console
