@@ -22,6 +22,7 @@ from budgetthink.engine import Budget, Sampling
 from budgetthink.errors import UserError
 from budgetthink.formats import get_format
 from budgetthink.serve import create_app
+from budgetthink.serve.api import EFFORT_BUDGETS
 from budgetthink.serve.http import uvicorn_config
 
 FMT = get_format("tinyzero")
@@ -225,6 +226,12 @@ def test_thinking_off_answers_in_content(server, engine):
     assert on["usage"]["completion_tokens_details"]["reasoning_tokens"] <= 3
     same = chat(server, messages=messages, max_tokens=32, temperature=0, max_thinking_tokens=3).json()
     assert same["choices"][0]["message"] == on["choices"][0]["message"]
+    # reasoning_effort minimal / low / medium are documented thinking caps (64 / 256 / 1024 tokens)
+    effort = chat(server, messages=messages, max_tokens=96, temperature=0, min_thinking_tokens=60,
+                  reasoning_effort="minimal").json()
+    assert 60 <= effort["usage"]["completion_tokens_details"]["reasoning_tokens"] <= EFFORT_BUDGETS["minimal"] == 64
+    over = chat(server, messages=messages, max_tokens=96, min_thinking_tokens=80, reasoning_effort="minimal")
+    assert error_of(over, 400)["param"] == "min_thinking_tokens"  # the floor is above minimal's cap of 64
 
 
 # --- bad input ------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from budgetthink.budget import budget_field
 
+EFFORT_BUDGETS = {"minimal": 64, "low": 256, "medium": 1024, "high": None}  # reasoning_effort -> thinking cap
 INT32 = 2**31 - 1  # bound of the token counts: far beyond any context, and it fits the engine's tensors
 
 
@@ -87,7 +88,8 @@ class ChatRequest(CommonRequest):
     logprobs: StrictBool | None = Field(None, description="not supported: only false")
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="not supported: only 0")
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
-        None, description="'none' answers without thinking; the others think (the budget fields set how much)")
+        None, description="'none' answers without thinking; minimal, low and medium cap thinking at "
+                          "EFFORT_BUDGETS tokens, high leaves it to the model (max_thinking_tokens, if sent, wins)")
     chat_template_kwargs: dict[StrictStr, Any] | None = Field(
         None, description="passed to the chat template; enable_thinking: false answers without thinking")
 

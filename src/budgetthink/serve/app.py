@@ -50,7 +50,14 @@ from contextlib import asynccontextmanager
 from budgetthink.budget import encode_insert
 from budgetthink.engine import Budget, Completion, Sampling
 from budgetthink.errors import UserError
-from budgetthink.serve.api import APIError, ChatRequest, CommonRequest, CompletionRequest, validation_error
+from budgetthink.serve.api import (
+    EFFORT_BUDGETS,
+    APIError,
+    ChatRequest,
+    CommonRequest,
+    CompletionRequest,
+    validation_error,
+)
 from budgetthink.serve.batcher import Batcher
 from budgetthink.serve.config import ServeConfig
 from budgetthink.serve.http import Gate, uvicorn_config
@@ -220,8 +227,9 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, **setti
         sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
                             stop=stop, seed=req.seed)
         try:  # Budget's own validation (min_thinking_tokens <= max_thinking_tokens), named with the API's fields
-            budget = Budget(max_thinking_tokens=req.max_thinking_tokens if req.max_thinking_tokens is not None
-                            else req.thinking_token_budget, min_thinking_tokens=req.min_thinking_tokens,
+            cap = next((x for x in (req.max_thinking_tokens, req.thinking_token_budget,
+                                    EFFORT_BUDGETS.get(getattr(req, "reasoning_effort", None))) if x is not None), None)
+            budget = Budget(max_thinking_tokens=cap, min_thinking_tokens=req.min_thinking_tokens,
                             extensions=req.thinking_extensions, extension_string=req.extension_string,
                             answer_prefix=req.answer_prefix, max_answer_tokens=max_tokens)
         except ValidationError as e:
