@@ -16,7 +16,6 @@ partly, some end-of-texts happen while thinking.
 
 import pytest
 import torch
-from transformers import Qwen2ForCausalLM
 
 from budgetthink.engine import Budget, Sampling
 from budgetthink.engine.torch import TorchEngine
@@ -29,23 +28,22 @@ PROMPTS = ("3 5 7 -> 22\n", "12+7=", "Using the numbers [1, 2, 3], make 6.\n")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (see conftest.py)
 
 
-class Nudged(Qwen2ForCausalLM):
-    """A Qwen2 whose logits get `nudge[position % period]` added (see the module docstring)."""
-
-    def forward(self, input_ids=None, position_ids=None, logits_to_keep=0, **kwargs):
-        out = super().forward(input_ids=input_ids, position_ids=position_ids, logits_to_keep=logits_to_keep,
-                              **kwargs)
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        pos = position_ids[:, -out.logits.shape[1]:]  # positions of the logits kept
-        out.logits = out.logits + self.nudge[pos % self.nudge.shape[0]]
-        return out
+def nudged_forward(self, input_ids=None, position_ids=None, logits_to_keep=0, **kwargs):
+    """The model's forward with `nudge[position % period]` added to its logits (see the module docstring)."""
+    out = super(type(self), self).forward(input_ids=input_ids, position_ids=position_ids,
+                                          logits_to_keep=logits_to_keep, **kwargs)
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    pos = position_ids[:, -out.logits.shape[1]:]  # positions of the logits kept
+    out.logits = out.logits + self.nudge[pos % self.nudge.shape[0]]
+    return out
 
 
-def nudged_model(fmt_name: str, strength: float = 14.0, eos_strength: float = 8.0):
-    base, tok = init_model("test", seed=0)
+def nudged_model(fmt_name: str, strength: float = 14.0, eos_strength: float = 8.0, base=None):
+    """`base` (model, tokenizer), default the random `test` preset tiny Qwen2, nudged (see the module docstring)."""
+    base, tok = base or init_model("test", seed=0)
     base.config.tie_word_embeddings = False
-    model = Nudged(base.config)
+    model = type("Nudged", (type(base),), {"forward": nudged_forward})(base.config)
     model.load_state_dict(base.state_dict())
     with torch.no_grad():  # an untied output layer with large random weights: varied, confident logits
         model.lm_head.weight.copy_(0.35 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)))

@@ -150,3 +150,27 @@ def test_a_template_that_closes_thinking_itself_is_refused_under_a_budget(smol):
         Prompter(FMT, tok, "auto").check_thinking()
     Prompter(FMT, smol.tokenizer, "auto").check_thinking()  # SmolLM2's own template leaves thinking to the model
     Prompter(FMT, tok, "raw").check_thinking()  # no template, nothing to check
+
+
+@pytest.mark.parametrize("fmt_name", ["tinyzero", "s1"])
+def test_budget_forcing_matches_the_naive_reference_on_the_smollm2_tokenizer(smol_dir, fmt_name):
+    """test_budget_exact's check with SmolLM2's BPE tokenizer and chat template: a small random Llama (GQA)
+    nudged to write the 3-token `</think>` now and then and `<|im_end|>` while thinking; every budget kind,
+    token-identical to the naive re-encoding procedure."""
+    from test_budget_exact import BUDGETS, assert_matches_naive, nudged_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from budgetthink.engine.torch import TorchEngine
+
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                        tie_word_embeddings=False, eos_token_id=tok.eos_token_id))
+    model, tok = nudged_model(fmt_name, base=(base, tok))
+    fmt = get_format(fmt_name)
+    prompts = [Prompter(fmt, tok, "auto").text(p) for p in PROMPTS]
+    engine = TorchEngine(model, tok)
+    for name, budget in BUDGETS.items():
+        outs = engine.generate(prompts, Sampling(temperature=0, max_tokens=48), n=2, budget=budget, fmt=fmt)
+        assert_matches_naive(outs, prompts, model, tok, fmt, budget, 48, name)
