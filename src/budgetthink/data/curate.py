@@ -55,7 +55,7 @@ from pathlib import Path
 
 from budgetthink.engine import Budget, Sampling
 from budgetthink.errors import UserError
-from budgetthink.formats import get_format
+from budgetthink.formats import Prompter, get_format
 from budgetthink.jsonl import atomic_write_json, fresh_output, iter_jsonl, write_jsonl
 from budgetthink.tasks import Problem, get_task
 
@@ -180,12 +180,15 @@ def difficulty(records: list[dict], models: list, fmt, budget: Budget, max_token
         if not Path(path).exists():
             raise UserError(f"difficulty model {path} not found; pass model directories to --difficulty-models")
         engine = load_engine(path, backend=backend)
+        prompter = Prompter(fmt, engine.tokenizer)  # each model prompted as every command prompts it
         keep, solved = [], 0
         for start in tqdm(range(0, len(remaining), batch_size), desc=f"difficulty {Path(path).name}",
                           file=sys.stderr, unit="batch"):
             chunk = remaining[start:start + batch_size]
             problems = [Problem.from_dict(r["problem"]) for r in chunk]
-            outs = engine.generate([fmt.prompt(p.prompt) for p in problems], sampling, n=1, budget=budget, fmt=fmt)
+            encoded = [prompter.encode(p.prompt) for p in problems]
+            outs = engine.generate([t for t, _ in encoded], sampling, n=1, budget=budget, fmt=fmt,
+                                   prompt_ids=[ids for _, ids in encoded])
             for r, p, c in zip(chunk, problems, outs):
                 if p.task not in tasks:
                     tasks[p.task] = get_task(p.task, **task_options.get(p.task, {}))

@@ -54,7 +54,7 @@ from urllib.parse import urlparse
 from budgetthink.budget import enforced
 from budgetthink.engine import Budget, Sampling
 from budgetthink.errors import UserError
-from budgetthink.formats import get_format
+from budgetthink.formats import Prompter, get_format
 from budgetthink.jsonl import append_jsonl, iter_jsonl, repair_jsonl, write_jsonl
 from budgetthink.tasks import Problem, get_task
 
@@ -197,17 +197,18 @@ def _run_model(task, todo, out, teacher, path, fmt, sampling, budget, batch_size
     if not Path(path).exists():
         raise UserError(f"teacher model {path!r} not found; pass model:DIR with a model directory")
     engine = load_engine(path, backend=backend)
-    tok = getattr(engine, "tokenizer", None)
+    prompter = Prompter(fmt, engine.tokenizer)  # the teacher's chat template when it has one, as every command
     with _bar(len(todo), "model") as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            prompts = [fmt.prompt(p.prompt) for p in chunk]
+            encoded = [prompter.encode(p.prompt) for p in chunk]
             t0 = time.perf_counter()
-            outs = engine.generate(prompts, sampling, n=1, budget=budget, fmt=fmt)  # len(chunk) Completions
+            outs = engine.generate([t for t, _ in encoded], sampling, n=1, budget=budget, fmt=fmt,
+                                   prompt_ids=[ids for _, ids in encoded])  # len(chunk) Completions
             secs = (time.perf_counter() - t0) / len(chunk)
             records = []
-            for p, prompt, c in zip(chunk, prompts, outs):
-                usage = {"prompt_tokens": len(tok(prompt, add_special_tokens=False)["input_ids"]) if tok else None,
+            for p, (_, ids), c in zip(chunk, encoded, outs):
+                usage = {"prompt_tokens": len(ids),
                          "completion_tokens": sum(c.sampled), "thinking_tokens": c.thinking_tokens,
                          "answer_tokens": c.answer_tokens, "extensions": c.extensions}
                 records.append(_record(task, p, teacher, c.thinking, c.answer, model=str(path),
