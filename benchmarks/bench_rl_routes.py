@@ -111,6 +111,7 @@ def main():
     w.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides = [x for x in args.overrides.split(",") if x]
+    wanted = args.routes.split(",")
     recipe = ROOT / "recipes" / "tiny-countdown-r1.yaml"
     base = tiny.cached_build("small", ROOT / ".cache" / "tiny", progress=True)
     held_file = w / "held.jsonl"
@@ -129,7 +130,7 @@ def main():
         return starts[name]
 
     routes = {}
-    if "r1" in args.routes:
+    if "r1" in wanted:
         traces, selected, sft_dir = w / "traces.jsonl", w / "selected.jsonl", w / "sft10"
         if not traces.exists():
             distill("countdown", "solver", 4000, traces, seed=0, task_options={"template": "compact", "split": "train"})
@@ -153,7 +154,7 @@ def main():
             "sft_control_minutes": json.loads((control_dir / "wall.json").read_text())["wall_s"] / 60
             if (control_dir / "wall.json").exists() else None,
             "above_sft_control": [r["final_accuracy"] > control["greedy"] for r in runs.values()], "runs": runs}
-    if "r1-zero" in args.routes:
+    if "r1-zero" in wanted:
         start = start_of("base", base)
         runs = {str(s): rl_run(recipe, base, held_file, w / f"zero_s{s}", s, 15, ["max_refills=4", *overrides])
                 for s in seeds}
@@ -162,8 +163,9 @@ def main():
     path = RESULTS / "bench_rl_tiny.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     summary = result.get("summary") or {}
-    summary["routes"] = {**summary.get("routes", {}), **routes}
-    summary["routes_command"] = "python benchmarks/bench_rl_routes.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/bench_rl_routes.py " + " ".join(sys.argv[1:])
+    summary["routes"] = {**summary.get("routes", {}), **{k: {**r, "command": command} for k, r in routes.items()}}
+    summary.pop("routes_command", None)
     summary["routes_machine"] = {"platform": platform.platform(), "cores": os.cpu_count(), "threads": args.threads,
                                  "load_average_at_end": os.getloadavg()}
     result["summary"] = summary
