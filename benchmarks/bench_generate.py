@@ -242,7 +242,7 @@ def main() -> int:
                     "avx512_amx_flags": cpu_flags(),
                     "load_average_1min_at_start": load_at_start,
                     "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
-        "settings": {"model": origin, "preset": "small",
+        "settings": {"model": origin, "preset": None if args.model else "small",
                      "parameters": sum(p.numel() for p in base.parameters()),
                      "prompts": P, "samples_per_prompt": n, "new_tokens": T, "temperature": 1.0,
                      "task": "countdown", "format": "tinyzero", "peer": "transformers model.generate",
