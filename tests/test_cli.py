@@ -76,6 +76,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, words):
     (["rl", "--out", "p.jsonl", "model=MODEL", "max_steps=1", "train_size=50", "eval_size=5"], ["p.jsonl"]),
     (["generate", "--model", "MODEL", "--n", "1", "--max-tokens", "100000"], ["--max-tokens", "context"]),
     (["generate", "--model", "BROKEN", "--n", "1"], ["BROKEN", "truncated or damaged"]),
+    (["data", "generate", "--task", "countdown", "--n", "100000", "--out", "big.jsonl"], ["only 14261", "exist"]),
 ])
 def test_faults_are_one_line_exit_2_and_change_nothing(tmp_path, tiny_model_dir, args, words):
     import shutil

@@ -362,3 +362,16 @@ def test_train_and_test_splits_are_disjoint(name):
     train = {p.id for p in get_task(name, split="train").generate(1500, seed=0)}
     test = {p.id for p in get_task(name, split="test").generate(150, seed=1)}
     assert len(test) == 150 and not train & test
+
+
+def test_countdown_refuses_more_problems_than_exist_at_once():
+    """The space is counted up front: all of it can be drawn, one more is refused before any draw (the up-front
+    message says "exist"; running out while drawing says "found only")."""
+    task = get_task("countdown", num_numbers=2, number_range=[1, 3], target_range=[1, 10])
+    size = task.space_size()
+    problems = task.generate(size, seed=0)  # every problem of the space, each once
+    assert len({(tuple(p.answer["numbers"]), p.answer["target"]) for p in problems}) == size
+    with pytest.raises(UserError, match=f"only {size} distinct solvable problems exist"):
+        task.generate(size + 1, seed=0)
+    assert get_task("countdown").space_size() == 14_261  # 3 numbers in 1-10, targets 1-100: the split sizes sum to it
+    assert sum(get_task("countdown", split=s).space_size() for s in ("pretrain", "train", "test")) == 14_261

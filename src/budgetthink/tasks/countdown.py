@@ -231,6 +231,10 @@ class Countdown:
 
         Numbers are drawn uniformly from number_range, their count from num_numbers; the target is drawn
         uniformly from the values the solver can reach with them that fall within target_range."""
+        size = self.space_size()
+        if size is not None and n > size:
+            raise UserError(f"countdown: only {size} distinct solvable problems exist with these options in split "
+                            f"{self.split!r}, fewer than --n {n}; widen number_range/target_range or lower --n")
         rng = random.Random(f"countdown:{seed}")
         seen, out, tries = set(), [], 0
         lo_t, hi_t = self.target_range
@@ -255,6 +259,18 @@ class Countdown:
             seen.add(key)
             out.append(problem)
         return out
+
+    def space_size(self, limit: int = 100_000) -> int | None:
+        """How many distinct problems `generate` can draw (ordered numbers + target, in this split); None when
+        there are more than `limit` number tuples to count (then `generate` finds out by drawing)."""
+        (lo_k, hi_k), (lo, hi), (lo_t, hi_t) = self.num_numbers, self.number_range, self.target_range
+        if sum((hi - lo + 1) ** k for k in range(lo_k, hi_k + 1)) > limit:
+            return None
+        from itertools import product
+
+        return sum(in_split((numbers, t), self.split) for k in range(lo_k, hi_k + 1)
+                   for numbers in product(range(lo, hi + 1), repeat=k)
+                   for t in reachable(tuple(sorted(numbers))) if lo_t <= t <= hi_t)
 
     # ---- scoring ----
     def check(self, expr: str, numbers: list[int], target: int) -> bool:
