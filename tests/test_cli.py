@@ -77,12 +77,20 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, words):
     (["generate", "--model", "MODEL", "--n", "1", "--max-tokens", "100000"], ["--max-tokens", "context"]),
     (["generate", "--model", "BROKEN", "--n", "1"], ["BROKEN", "truncated or damaged"]),
     (["data", "generate", "--task", "countdown", "--n", "100000", "--out", "big.jsonl"], ["only 14261", "exist"]),
+    (["curate", "--in", "p.jsonl", "--n", "1", "--out", "old.jsonl"], ["old.jsonl exists", "--force"]),
+    (["data", "score", "--task", "countdown", "--in", "done.jsonl", "--out", "/proc/none/s.jsonl"], ["/proc/none"]),
+    (["rl", "--out", "/proc/none/rl", "model=MODEL", "max_steps=1", "train_size=50", "eval_size=5"], ["/proc/none"]),
+    (["sft", "--model", "MODEL", "--data", "p.jsonl", "--out", "/proc/none/sft"], ["/proc/none"]),
+    (["generate", "--model", "MODEL", "--n", "1", "--max-thinking-tokens", str(10**30)], ["max_thinking_tokens"]),
 ])
 def test_faults_are_one_line_exit_2_and_change_nothing(tmp_path, tiny_model_dir, args, words):
     import shutil
 
     (tmp_path / "p.jsonl").write_text('{"id": "x"}\n')
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "old.jsonl").write_text("{}\n")
+    (tmp_path / "done.jsonl").write_text(json.dumps({"id": "x", "task": "countdown", "prompt": "1 2 -> 3\n", "answer": {
+        "numbers": [1, 2], "target": 3}, "completion": "<answer>1+2</answer>"}) + "\n")
     broken = shutil.copytree(tiny_model_dir, tmp_path / "BROKEN")
     (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:1000])
     before = {p: p.read_bytes() for p in tmp_path.glob("*.jsonl")}
@@ -93,6 +101,16 @@ def test_faults_are_one_line_exit_2_and_change_nothing(tmp_path, tiny_model_dir,
     for w in words:
         assert w in err, err
     assert {p: p.read_bytes() for p in tmp_path.glob("*.jsonl")} == before
+
+
+def test_serve_on_a_busy_port_is_an_error_before_loading(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = run("serve", "--model", str(tmp_path), "--port", str(busy.getsockname()[1]))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: cannot listen on 127.0.0.1:")
 
 
 def test_outputs_are_world_readable_and_force_overwrites(tmp_path):
