@@ -6,6 +6,8 @@ to benchmarks/results/bench_rl_tiny.json and draws bench_rl_routes.png.
 - r1 (cold start, then RL): solver traces (train split) -> 1,000 curated -> SFT (recipes/tiny-s1-sft.yaml) ->
   GRPO with recipes/tiny-countdown-r1.yaml for 10 minutes of training per seed. The control: the same SFT
   continued for about the same minutes (`--control-steps` optimizer steps), evaluated the same way.
+- r1-converged: the same, from the control (the SFT continued until its training loss is near 0), with its own
+  control (that model trained for `--control-steps` more).
 - r1-zero: the same GRPO recipe straight from the `small` base for 15 minutes per seed.
 Every start is measured the same way: greedy accuracy at the full context on the held-out set, and mean@8 /
 pass@8 at the rollout temperature on its first 200 problems (how much a policy that samples could sharpen).
@@ -92,7 +94,7 @@ def main():
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--control-steps", type=int, default=480, help="SFT control: optimizer steps (~10 min here)")
-    ap.add_argument("--routes", default="r1,r1-zero")
+    ap.add_argument("--routes", default="r1,r1-converged,r1-zero")
     ap.add_argument("--overrides", default="", help="comma-separated RL overrides for both routes")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -153,6 +155,19 @@ def main():
             "sft_control_accuracy": control["greedy"], "sft_control_steps": args.control_steps,
             "sft_control_minutes": json.loads((control_dir / "wall.json").read_text())["wall_s"] / 60
             if (control_dir / "wall.json").exists() else None,
+            "above_sft_control": [r["final_accuracy"] > control["greedy"] for r in runs.values()], "runs": runs}
+    if "r1-converged" in wanted:  # R1 again, from the control (SFT run to a training loss near 0)
+        start, sel = start_of("sft_control", w / "sft_control" / "model"), w / "selected.jsonl"
+        control_dir = w / "sft_control2"
+        if not (control_dir / "model").exists():
+            sft.train(load_config(sft.SFTConfig, ROOT / "recipes" / "tiny-s1-sft.yaml",
+                                  [f"model={w / 'sft_control' / 'model'}", f"data={sel}", "epochs=100",
+                                   f"max_steps={args.control_steps}"]), control_dir)
+        control = start_of("sft_control2", control_dir / "model")
+        runs = {str(s): rl_run(recipe, w / "sft_control" / "model", held_file, w / f"r1c_s{s}", s, 10, overrides)
+                for s in seeds}
+        routes["r1-converged"] = route_summary(runs, start, 10, len(held)) | {
+            "sft_control_accuracy": control["greedy"], "sft_control_steps": args.control_steps,
             "above_sft_control": [r["final_accuracy"] > control["greedy"] for r in runs.values()], "runs": runs}
     if "r1-zero" in wanted:
         start = start_of("base", base)
