@@ -16,7 +16,9 @@
 The answer prefix is what the format writes between the closing delimiter and the answer in training
 traces; a budget's `answer_prefix` is separate and appended only after a *forced* end of thinking.
 
-One prompt path for every command (generate, eval, rl, sft, distill, serve): `Prompter`. Its style `auto`
+One prompt path for every command that prompts with a task (generate, eval, rl, sft, distill's model teacher,
+curate's difficulty models): `Prompter`. The server renders its clients' messages with the same `chat_prompt`
+(serve/prompts.py), and a raw completion prompt gets the opening delimiter as `raw` does. Its style `auto`
 (the default everywhere) uses the model's chat template when its tokenizer has one, the task's prompt as the
 user message and the opening delimiter at the start of the assistant turn; otherwise (the tiny model) the
 raw prompt then the opening delimiter. `chat` insists on the template, `raw` never uses it (the flag
