@@ -2,6 +2,8 @@
 dtype, learning rate and loss; writes benchmarks/results/bench_grpo_vs_trl.json.
 
     python benchmarks/bench_grpo_vs_trl.py [--steps 4] [--prompts 16] [--n 8] [--max-tokens 128] [--dtype float32]
+    python benchmarks/bench_grpo_vs_trl.py --model runs/smol --steps 3 --prompts 4 --n 4 --max-tokens 64 \
+        --out benchmarks/results/bench_grpo_vs_trl_smollm2.json        # a real model's shapes (SmolLM2-135M)
 
 Both sides: a tiny Qwen2 (hidden 256, 6 layers, 8/4 heads, MLP 768: ~4.7M parameters, the shape of TRL's
 measurement of TRL) with the character tokenizer, randomly initialised (seed 0), the same 16
@@ -9,13 +11,15 @@ Countdown prompts per step (~120 characters each, one token per character), 8 co
 tokens, temperature 1 with no top-k/top-p, lr 1e-4, GRPO advantages (group mean and std), token-mean loss
 (TRL's default "dapo"), clip 0.2, one update per batch, beta 0 (no reference model), no gradient
 checkpointing. TRL runs with use_cpu, bf16/fp16 off and the tokenizer passed explicitly as
-processing_class (AutoTokenizer would load a qwen2 directory as Qwen2Tokenizer).
+processing_class (AutoTokenizer would load a qwen2 directory as Qwen2Tokenizer). With `--model DIR` both
+sides start from that model instead (its tokenizer; prompts as raw text on both sides).
 
 Reported per side: step time, its split into generation and the rest (scoring, log-probs, forward, backward,
 optimizer), median over the steps after the first (warm-up), in wall time and in CPU time of this process
 (the CPU time is the sturdier figure when other work shares the machine; the load average is recorded);
 the step-time ratio; our training throughput as a share of this machine's matmul throughput in the dtype;
-both reward curves.
+both reward curves; each side's peak memory (each side runs in a fresh process of its own: its peak resident
+memory, imports included).
 """
 
 import argparse
@@ -58,6 +62,24 @@ def build(workdir: Path, n_problems: int):
     return model_dir, problems, sum(p.numel() for p in model.parameters())
 
 
+def _measured(fn, *a):
+    import resource
+
+    out = fn(*a)
+    return out, round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+
+
+def in_own_process(fn, *a) -> dict:
+    """fn(*a) in a fresh interpreter, with that process's peak resident memory (MiB) as `peak_rss_mib`: each
+    side's figure is its own, whatever the other side left behind."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        out, peak = pool.submit(_measured, fn, *a).result()
+    return {**out, "peak_rss_mib": peak}
+
+
 def matmul_gflops(dtype: torch.dtype, m=4096, k=256, n=768, reps=20) -> float:
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     for _ in range(3):
@@ -85,7 +107,8 @@ def run_ours(args, model_dir: Path, workdir: Path) -> dict:
         f"max_steps={args.steps}", f"save_every={args.steps}", f"prompts_per_step={args.prompts}", f"n={args.n}",
         f"max_response_tokens={args.max_tokens}", "temperature=1.0", "top_k=0", "top_p=1.0", f"optim.lr={args.lr}",
         "optim.grad_clip=1.0", "algorithm=grpo", "loss_agg=token-mean", "clip_low=0.2", "clip_high=0.2",
-        "kl_coef=0", f"micro_batch_size={args.micro}", f"dtype={args.dtype}", "device=cpu", "seed=0"])
+        "kl_coef=0", f"micro_batch_size={args.micro}", f"dtype={args.dtype}", "device=cpu", "seed=0",
+        *(["prompt=raw"] if args.model else [])])
     cpu = {"generate": [], "train": []}
     real_rollout, real_update = rl.rollout, rl.update
 
@@ -113,7 +136,7 @@ def run_ours(args, model_dir: Path, workdir: Path) -> dict:
 
 def run_trl(args, model_dir: Path, workdir: Path, problems: list) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     fmt = get_format("tinyzero")
@@ -141,7 +164,7 @@ def run_trl(args, model_dir: Path, workdir: Path, problems: list) -> dict:
         loss_type="dapo", scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0, max_steps=args.steps,
         use_cpu=True, bf16=args.dtype == "bfloat16", fp16=False, gradient_checkpointing=False, report_to="none",
         save_strategy="no", logging_steps=1, seed=0, dataloader_num_workers=0, disable_tqdm=True)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir) if args.model else PreTrainedTokenizerFast.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[Clock()])
@@ -186,20 +209,30 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--model", type=Path, default=None, help="a model directory to start both sides from "
+                    "(default: a random 4.7M-parameter tiny Qwen2)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_grpo_vs_trl.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # and in each side's own process
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model_dir, problems, n_params = build(workdir, args.prompts * args.steps)
-        ours = run_ours(args, model_dir, workdir)
-        trl = None if args.skip_trl else run_trl(args, model_dir, workdir, problems)
+        if args.model:
+            model_dir, n_params = args.model, None  # counted below, as the matmul parameters
+        ours = in_own_process(run_ours, args, model_dir, workdir)
+        trl = None if args.skip_trl else in_own_process(run_trl, args, model_dir, workdir, problems)
         n_matmul = matmul_params(model_dir)
+        n_params = n_params or n_matmul
     dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
     peak = matmul_gflops(dtype)
-    prompt_tokens = statistics.mean(len(get_format("tinyzero").prompt(p.prompt)) for p in problems)  # 1 char = 1 token
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model) if args.model else None
+    prompt_tokens = statistics.mean(len(tok.encode(get_format("tinyzero").prompt(p.prompt))) if tok else
+                                    len(get_format("tinyzero").prompt(p.prompt)) for p in problems)  # tiny: 1 char = 1 token
     for side in filter(None, (ours, trl)):
         for key in ("step_s", "generate_s", "train_s", "step_cpu_s", "generate_cpu_s", "train_cpu_s"):
             side[f"median_{key}"] = median_after_first(side["steps"], key)

@@ -61,6 +61,13 @@ def nudged_model(fmt_name: str, strength: float = 14.0, eos_strength: float = 8.
 
 
 # --- the naive reference -------------------------------------------------------------------------------------------
+def extension(budget: Budget, tok) -> str:
+    """s1's "Wait" by default: as it is on the character-level tiny tokenizer, a word (" Wait") on a BPE one."""
+    if budget.extension_string is not None:
+        return budget.extension_string
+    return "Wait" if len(tok) < 1000 else " Wait"
+
+
 def naive(model, tok, prompt_ids, fmt, budget: Budget, max_tokens: int):
     """s1's procedure on token ids, one token at a time, no cache. Returns (ids, sampled, counts)."""
 
@@ -75,7 +82,7 @@ def naive(model, tok, prompt_ids, fmt, budget: Budget, max_tokens: int):
         return tok.encode(s, add_special_tokens=False) if s else []
 
     eos = tok.eos_token_id
-    close, prefix, ext = enc(fmt.think_close), enc(budget.answer_prefix), enc(budget.extension_string)
+    close, prefix, ext = enc(fmt.think_close), enc(budget.answer_prefix), enc(extension(budget, tok))
     out, sampled = [], []
     thinking, think_n, answer_n, n_sampled, n_ext, forced = True, 0, 0, 0, 0, False
     seg = 0  # where the current run of sampled thinking tokens starts in `out`

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from budgetthink import evaluate as ev
+from budgetthink import report
 from budgetthink.engine import Completion
 from budgetthink.errors import UserError
 
@@ -259,5 +260,5 @@ def test_run_tiny_model_report(tiny_model_dir, tmp_path, one_thread):
 
 
 def test_models_are_named_by_their_run_not_a_generic_folder():
-    assert [ev.short_name(m) for m in ("runs/rl/model", "models/smollm2/hf", "runs/sft-long", "x")] == \
+    assert [report.short_name(m) for m in ("runs/rl/model", "models/smollm2/hf", "runs/sft-long", "x")] == \
         ["rl", "smollm2", "sft-long", "x"]

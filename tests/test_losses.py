@@ -162,6 +162,38 @@ def test_entropy_and_token_logprobs():
     close(L.token_logprobs(logits, torch.tensor([[2, 1]])), [[-1.386294, -0.287682]])
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_head_logprobs_equal_the_whole_logits_with_gradients(bias):
+    """Log-probs and entropy through the lm-head in chunks of 5 rows (logits recomputed in backward, by the
+    hand-written gradient) equal the same quantities from the whole [N, V] logits through autograd, and so do
+    the gradients of hidden and of the head's weight (and bias)."""
+    torch.manual_seed(0)
+    N, H, V, temp = 37, 8, 50, 0.7
+    head = torch.nn.Linear(H, V, bias=bias)
+    hidden = torch.randn(N, H, requires_grad=True)
+    tokens = torch.randint(0, V, (N,))
+    w = torch.randn(N)  # an arbitrary upstream gradient for each output
+    results = []
+    for chunked in (True, False):
+        head.zero_grad()
+        hidden.grad = None
+        if chunked:
+            lp, ent = L.head_logprobs(hidden, head, tokens, temp, entropy=True, entropy_grad=True,
+                                      chunk_bytes=4 * V * 5)
+        else:
+            logits = head(hidden)[None] / temp  # [1, N, V]
+            lp, ent = L.token_logprobs(logits, tokens[None])[0], L.entropy_from_logits(logits)[0]
+        ((lp + 0.3 * ent) * w).sum().backward()
+        results.append((lp.detach(), ent.detach(), hidden.grad.clone(), head.weight.grad.clone(),
+                        *([head.bias.grad.clone()] if bias else [])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no graph: no checkpointing, the same numbers
+        lp, ent = L.head_logprobs(hidden, head, tokens, temp, chunk_bytes=4 * V * 5)
+    torch.testing.assert_close(lp, results[1][0], atol=1e-5, rtol=1e-5)
+    assert ent is None
+
+
 # --- policy loss ----------------------------------------------------------------------------------------------
 def test_policy_loss_clip_higher_and_dual_clip():
     ratio = t([[1.5, 0.5, 0.5, 1.5, 4.0, 1.2]])

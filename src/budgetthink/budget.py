@@ -95,7 +95,8 @@ class Budget(BaseModel):
                                      description="suppress the end of thinking until this many have been sampled")
     extensions: int = Field(0, ge=0, le=TOKENS_MAX,
                             description="ignore the end of thinking this many times, appending the extension string")
-    extension_string: str = Field("Wait", description="what is appended when an end of thinking is suppressed")
+    extension_string: str | None = Field(None, description="what is appended when an end of thinking is "
+                                         "suppressed; None: the tokenizer's spelling of Wait (extension_text)")
     answer_prefix: str = Field("", description="appended after a forced end of thinking, before the answer")
     max_answer_tokens: int = Field(64, ge=1, le=TOKENS_MAX, description="cap on sampled answer tokens after thinking ends")
 
@@ -129,6 +130,16 @@ def enforced(budget: Budget | None) -> Budget | None:
 def decode(tokenizer, ids: list[int]) -> str:
     """The text of token ids, special tokens included (the one decoding used by every rule here)."""
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def extension_text(tokenizer, extension_string: str | None) -> str:
+    """The extension string as given, else "Wait" as a word of this tokenizer: " Wait" where the tokenizer has
+    word pieces (BPE: without the space it glues onto the last word, "times?Wait"), "Wait" on a character-level
+    tokenizer (what the tiny model's traces hold: "Wait" right after a line's last character)."""
+    if extension_string is not None:
+        return extension_string
+    pieces = len(tokenizer.encode("Wait", add_special_tokens=False)) < len("Wait")
+    return " Wait" if pieces else "Wait"
 
 
 def encode_insert(tokenizer, text: str, what: str) -> list[int]:
@@ -187,7 +198,8 @@ class Forcing:
             self.close_ids = encode_insert(tokenizer, fmt.think_close, "closing delimiter")
         if self.on:
             self.force_ids = self.close_ids + encode_insert(tokenizer, self.budget.answer_prefix, "answer prefix")
-            self.ext_ids = encode_insert(tokenizer, self.budget.extension_string, "extension string")
+            self.ext_ids = encode_insert(tokenizer, extension_text(tokenizer, self.budget.extension_string),
+                                         "extension string")
         # windows of tokens that can hold a delimiter / stop string (each token is at least one byte)
         self.close_window = 2 * len(self.close.encode()) + 4 if self.close else 0
         self.stop_window = 2 * max((len(s.encode()) for s in self.stops), default=0) + 4

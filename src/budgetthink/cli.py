@@ -51,7 +51,7 @@ MaxThink = Annotated[int | None, typer.Option("--max-thinking-tokens", help="For
 # the budget flags' defaults (None here) are Budget's (budgetthink.budget), the one place they are set
 MinThink = Annotated[int | None, typer.Option("--min-thinking-tokens", help="Suppress the end of thinking until this many sampled tokens.")]
 Extensions = Annotated[int | None, typer.Option("--extensions", help="Ignore the end of thinking N times, appending the extension string.")]
-ExtString = Annotated[str | None, typer.Option("--extension-string", help="Appended when an end of thinking is suppressed.")]
+ExtString = Annotated[str | None, typer.Option("--extension-string", help="Appended when an end of thinking is suppressed (default: \" Wait\" on a BPE tokenizer, \"Wait\" on a character-level one).")]
 AnsPrefix = Annotated[str | None, typer.Option("--answer-prefix", help="Appended after a forced end of thinking.")]
 MaxAnswer = Annotated[int | None, typer.Option("--max-answer-tokens", help="Cap on answer tokens after thinking.")]
 Format = Annotated[str, typer.Option("--format", help="Think format: tinyzero, s1 or r1.")]
@@ -255,7 +255,8 @@ def eval_(model: Annotated[list[str], typer.Option(help="Model directory (repeat
           max_answer_tokens: MaxAnswer = 64, prompt: Prompt = "auto", device: Device = None, dtype: Dtype = None,
           options: TaskOptions = None):
     """Test-time scaling report: accuracy over thinking budgets, s1's metrics, majority vote; PNG + HTML."""
-    from budgetthink.evaluate import parse_ints, run, summary_text
+    from budgetthink.evaluate import parse_ints, run
+    from budgetthink.report import summary_text
 
     results = run(model, task, n, seed, parse_ints(budgets, "--budgets"), parse_ints(extensions, "--extensions"),
                   samples=samples, out=out, budget_in_prompt=budget_in_prompt, force=force, engine=engine, fmt=format,

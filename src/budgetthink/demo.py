@@ -167,7 +167,7 @@ def _pct(x) -> str:
 
 def report(out: Path, bill: dict) -> Path:
     """DIR/report.html: one page with every stage's plot and table, and the bill."""
-    from budgetthink.evaluate import short_name
+    from budgetthink.report import short_name
 
     base = _done(out / ".done" / "base.json") or {}
     evals = json.loads((out / "eval" / "results.json").read_text()) if (out / "eval" / "results.json").exists() else {}

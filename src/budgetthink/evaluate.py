@@ -43,11 +43,11 @@ For k < K the K samples are cut into floor(K/k) disjoint groups of k in order, a
 averaged.
 
 Outputs in `--out`: results.json (rows per setting, parallel rows, summary), samples.jsonl (one line per
-sample; a rerun with the same settings skips the settings already there), scaling.png and report.html.
+sample; a rerun with the same settings skips the settings already there), scaling.png and report.html
+(report.py draws and writes those two).
 """
 
 import hashlib
-import html
 import json
 import platform
 import shlex
@@ -56,8 +56,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
+
+from budgetthink.config import Config
 from budgetthink.errors import UserError
 from budgetthink.jsonl import iter_jsonl
+from budgetthink.report import plot, render_html, short_name
 
 METHODS = ("forced", "stated", "stated+forced")
 DELIMITER_ROOM = 16  # sampled tokens allowed per end of thinking on top of the budgets (s1's is ~5 tokens)
@@ -283,167 +287,6 @@ def _record(model, method, s: Setting, index: int, problem, sample: int, complet
     }
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Plot and report
-# ---------------------------------------------------------------------------------------------------------
-FIGSIZE, DPI = (10, 7), 100  # scaling.png is 1000 x 700 pixels
-METHOD_LABELS = {"forced": "budget forcing", "stated": "budget in prompt", "stated+forced": "budget in prompt + forcing"}
-
-
-def plot(results: dict, path: Path) -> None:
-    """Accuracy over mean thinking tokens per problem: one colour per model and method; budget settings solid
-    (in budget order, labelled B=...), extension settings dotted (labelled ext=N), majority vote over k
-    samples dashed (labelled k=...), its x the total thinking tokens of the k samples."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    lines = list(dict.fromkeys((r["model"], r["method"]) for r in results["rows"]))
-    xs_all, notes = [], {}  # notes: (x, y, colour, below) -> labels of the points drawn there
-
-    def draw(points, labels, style, marker, color, label, below):
-        xs, ys = [max(x, 0.5) for x, _ in points], [y for _, y in points]  # 0.5: a zero stays on a log axis
-        xs_all.extend(xs)
-        ax.plot(xs, ys, style, marker=marker, color=color, label=label, lw=2 if style != "--" else 1.5)
-        for text, x, y in zip(labels, xs, ys):
-            notes.setdefault((round(x, 1), round(y, 1), color, below), []).append(text)
-
-    for i, (model, method) in enumerate(lines):
-        color, name = colors[i % len(colors)], f"{short_name(model)}: {METHOD_LABELS[method]}"
-        rows = [r for r in results["rows"] if (r["model"], r["method"]) == (model, method)]
-        seq = [r for r in rows if r["kind"] == "budget"]  # rows come sorted by budget
-        if seq:
-            draw([(r["thinking_tokens"], r["accuracy"]) for r in seq], [r["setting"] for r in seq], "-", "o",
-                 color, name, False)
-        ext = [r for r in rows if r["kind"] == "ext"]
-        if ext:
-            draw([(r["thinking_tokens"], r["accuracy"]) for r in ext], [r["setting"] for r in ext], ":", "s",
-                 color, f"{short_name(model)}: extensions (\"{results.get('extension_string', 'Wait')}\")", False)
-        par = [p for p in results["parallel"] if (p["model"], p["method"]) == (model, method)]
-        if par:
-            draw([(p["total_thinking_tokens"], p["majority_accuracy"]) for p in par], [f"k={p['k']}" for p in par],
-                 "--", "^", color, f"{name}, majority vote (B={par[0]['budget']})", True)
-    # one label per spot and colour ("B=128, ext=0" where two settings coincide); colours at one spot stack
-    stack: dict[tuple, int] = {}
-    for (x, y, color, below), texts in notes.items():
-        level = stack[(x, y, below)] = stack.get((x, y, below), -1) + 1
-        dy = -11 - 9 * level if below else 5 + 9 * level
-        ax.annotate(", ".join(dict.fromkeys(texts)), (x, y), textcoords="offset points", xytext=(5, dy),
-                    fontsize=7, color=color)
-    if xs_all and max(xs_all) / min(xs_all) > 4:
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlabel("mean thinking tokens per problem (sampled tokens; for majority vote, all k samples together)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(-3, 103)
-    ax.set_title(f"Test-time scaling on {results['task']} (n={results['n']} problems, seed {results['seed']})")
-    ax.grid(True, alpha=0.3)
-    ax.margins(x=0.06)
-    handles, labels = ax.get_legend_handles_labels()
-    rows_below = (len(labels) + 1) // 2  # the legend goes under the axes, two columns
-    bottom = min(0.45, 0.03 + 0.032 * rows_below)
-    if labels:
-        fig.legend(handles, labels, fontsize=8, ncol=2, loc="lower center", frameon=False)
-    fig.tight_layout(rect=(0, bottom, 1, 1))
-    fig.savefig(path, dpi=DPI, format="png")  # no bbox_inches="tight": the image keeps FIGSIZE x DPI pixels
-    plt.close(fig)
-
-
-GENERIC = {"model", "hf", "final", "merged", "output"}  # folder names that say nothing about the model
-
-
-def short_name(model: str) -> str:
-    """A model's name in tables and legends: its directory, or its parent's for a generic folder name
-    (runs/rl/model -> rl, models/smollm2/hf -> smollm2), so two models do not both read "model"."""
-    p = Path(str(model))
-    return (p.parent.name if p.name in GENERIC and p.parent.name else p.name) or str(model)
-
-
-def _fmt(v, digits=1) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _table(headers: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c) if not isinstance(c, str) else c)}</td>" for c in row)
-                   + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def render_html(results: dict, png_name: str = "scaling.png") -> str:
-    """A self-contained page: the plot (by relative path), a summary, a table per model, how it was made."""
-    summary = _table(
-        ["model", "method", "Control (%)", "Scaling (pp / 1k tokens)", "Performance (%)", "best setting",
-         "control error", "majority@K (%)", "pass@K (%)", "K"],
-        [[s["model"], s["method"], s["control"], s["scaling"], s["performance"], s["best_setting"],
-          _fmt(s["control_error"], 3), s["majority_at_K"],
-          s["pass_at_K"], s["K"]] for s in results["summary"]])
-    per_model = []
-    for model in dict.fromkeys(r["model"] for r in results["rows"]):
-        rows = [[r["method"], r["setting"], r["accuracy"], _fmt(r["mean_reward"], 3), r["thinking_tokens"],
-                 r["answer_tokens"], r["extensions_made"], r["control"],
-                 None if r["control_error"] is None else _fmt(r["control_error"], 3), r["n"]]
-                for r in results["rows"] if r["model"] == model]
-        part = _table(["method", "setting", "accuracy (%)", "mean reward", "thinking tokens", "answer tokens",
-                       "extensions made", "within bounds (%)", "control error", "problems"], rows)
-        par = [[p["method"], p["k"], p["majority_accuracy"], p["pass_at_k"], p["total_thinking_tokens"]]
-               for p in results["parallel"] if p["model"] == model]
-        if par:
-            part += "<h3>Parallel scaling (temperature sampling)</h3>" + _table(
-                ["method", "k", "majority vote (%)", "pass@k (%)", "total thinking tokens"], par)
-        per_model.append(f"<h2>{html.escape(model)}</h2>{part}")
-    versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
-    settings = (f"task {results['task']} {json.dumps(results['task_options'])}, n={results['n']}, "
-                f"seed={results['seed']}, format {results['format']}, engine {results['engine']}, "
-                f"budgets {results['budgets']}, extensions {results['extensions']}, samples {results['samples']} "
-                f"(temperature {results['temperature']}), max answer tokens {results['max_answer_tokens']}")
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>budgetthink eval: {html.escape(results['task'])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
-th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
-code, pre {{ background: #f6f6f6; padding: 0.2em 0.4em; white-space: pre-wrap; word-break: break-all; }}
-img {{ max-width: 100%; border: 1px solid #ddd; }}
-</style></head><body>
-<h1>Test-time scaling: {html.escape(results['task'])}</h1>
-<p><img src="{html.escape(png_name)}" alt="accuracy over mean thinking tokens"></p>
-<h2>Summary (s1 metrics)</h2>
-{summary}
-<p>Control: share of runs whose thinking stayed within the requested bounds. Scaling: mean slope of accuracy
-over thinking tokens across all pairs of settings, in percentage points per 1,000 thinking tokens.
-Performance: best accuracy. Control error: mean |used &minus; B| / B over the budget settings.
-Majority@K and pass@K: K samples per problem at the parallel budget; pass@k is the unbiased estimator.</p>
-{''.join(per_model)}
-<h2>How this was made</h2>
-<p>Command:</p><pre>{html.escape(results['command'])}</pre>
-<p>Settings: {html.escape(settings)}</p>
-<p>Versions: {html.escape(versions)}</p>
-</body></html>
-"""
-
-
-def summary_text(results: dict) -> str:
-    """The summary as aligned text lines (what the command prints on stdout)."""
-    head = f"{'model':<28} {'method':<14} {'Control%':>8} {'Scaling':>9} {'Perf%':>6} {'best':>8} {'ctl err':>7}"
-    lines = [head]
-    for s in results["summary"]:
-        lines.append(f"{short_name(s['model'])[:28]:<28} {s['method']:<14} {_fmt(s['control']):>8} "
-                     f"{_fmt(s['scaling']):>9} {_fmt(s['performance']):>6} {s['best_setting']:>8} "
-                     f"{_fmt(s['control_error'], 3):>7}" + (f"  majority@{s['K']} {_fmt(s['majority_at_K'])}%"
-                                                          f"  pass@{s['K']} {_fmt(s['pass_at_K'])}%" if s["K"] else ""))
-    return "\n".join(lines) + "\n(Scaling: percentage points of accuracy per 1,000 thinking tokens)"
-
-
 def parse_ints(text: str | list[int] | None, flag: str) -> list[int]:
     """`"16,32,64"` -> [16, 32, 64] for a comma-separated flag (empty: [])."""
     if text is None:
@@ -497,21 +340,39 @@ def _check(models, n, budgets, extensions, samples, methods):
         raise UserError(f"unknown method(s) {bad or methods}; use {', '.join(METHODS)}")
 
 
-def _run(models: list[str], task: str, n: int, seed: int, budgets: list[int], extensions: list[int] = (),
-        samples: int = 1, out: Path = Path("eval"), budget_in_prompt: bool = False, force: bool = True,
-        engine="torch", fmt: str = "tinyzero", task_options: dict | None = None, max_answer_tokens: int = 64,
-        temperature: float = 1.0, methods: list[str] | None = None, parallel_budget: int | None = None,
-        extension_max_thinking: int | None = None, extension_string: str = "Wait", batch_size: int = 64,
-        command: str | None = None, quiet: bool = False, prompt: str = "auto", device: str | None = None,
-        dtype: str | None = None) -> dict:
-    """Evaluate `models` on `n` problems of `task` across budgets; write results.json, samples.jsonl,
-    scaling.png and report.html under `out`; return the results dict.
+class EvalConfig(Config):
+    """Settings of `budgetthink eval`: what is run on which problems (the models, the output directory and the
+    engine are given beside it). The budget sweep's bounds are checked in _check, with the flags' names."""
 
-    budget_in_prompt/force choose the method (forced; stated; stated+forced) unless `methods` lists several.
-    `engine` is a backend name ("torch", "vllm") or an object with the engine's `generate` (used for every
-    model); device/dtype go to a loaded engine. `prompt` is the prompt style (formats.Prompter: auto uses each
-    model's chat template when it has one). Budgets are sorted; extension settings run under `extension_max_thinking` (default: the largest
-    budget); the K samples under `parallel_budget` (default: the smallest budget)."""
+    task: str = Field(description="task name: countdown, multiply or math")
+    n: int = Field(description="problems (the same for every model and setting)")
+    seed: int = Field(0, description="seeds the problems and sampling")
+    budgets: list[int] = Field(description="maximum thinking budgets of the budget settings (sorted, deduplicated)")
+    extensions: list[int] = Field(default_factory=list, description="extension counts of the extension settings")
+    samples: int = Field(1, description="K samples per problem for majority vote and pass@k (1: none)")
+    methods: list[str] | None = Field(None, description="several of forced, stated, stated+forced; None: from "
+                                      "budget_in_prompt and force")
+    budget_in_prompt: bool = Field(False, description="state each budget in the prompt (method stated[+forced])")
+    force: bool = Field(True, description="enforce each budget by budget forcing")
+    fmt: str = Field("tinyzero", description="think format: tinyzero, s1 or r1")
+    prompt: str = Field("auto", description="prompt style (formats.Prompter): auto, chat or raw")
+    task_options: dict = Field(default_factory=dict, description="options passed to the task (e.g. split)")
+    max_answer_tokens: int = Field(64, description="cap on sampled answer tokens after thinking ends")
+    temperature: float = Field(1.0, description="temperature of the K samples (the sweeps decode greedily)")
+    parallel_budget: int | None = Field(None, description="thinking budget of the K samples; None: the smallest")
+    extension_max_thinking: int | None = Field(None, description="thinking cap of the extension settings; None: "
+                                               "the largest budget")
+    extension_string: str | None = Field(None, description="appended at each extension; None: Budget's default")
+    batch_size: int = Field(64, ge=1, description="problems per engine call")
+    device: str | None = Field(None, description="device of a loaded engine (None: its default)")
+    dtype: str | None = Field(None, description="dtype of a loaded engine (None: its default)")
+
+
+def _run(models: list[str], cfg: EvalConfig, out: Path, engine="torch", command: str | None = None,
+         quiet: bool = False) -> dict:
+    """Evaluate `models` under `cfg`; write results.json, samples.jsonl, scaling.png and report.html under
+    `out`; return the results dict. `engine` is a backend name ("torch", "vllm") or an object with the engine's
+    `generate` (used for every model)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -520,27 +381,28 @@ def _run(models: list[str], task: str, n: int, seed: int, budgets: list[int], ex
     from budgetthink.jsonl import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
     from budgetthink.tasks import get_task
 
+    methods = cfg.methods
     if methods is None:
-        if not budget_in_prompt and not force:
+        if not cfg.budget_in_prompt and not cfg.force:
             raise UserError("with neither budget forcing nor --budget-in-prompt every budget is the same run; "
                             "drop --no-force or add --budget-in-prompt")
-        methods = ["stated+forced" if force else "stated"] if budget_in_prompt else ["forced"]
-    models, budgets, extensions = [str(m) for m in models], sorted(set(budgets)), sorted(set(extensions or []))
-    _check(models, n, budgets, extensions, samples, methods)
-    task_options = dict(task_options or {})
-    ext_cap = extension_max_thinking or budgets[-1]
-    par_budget = parallel_budget or budgets[0]
-    form = get_format(fmt)
-    the_task = get_task(task, **task_options)
-    problems = the_task.generate(n, seed)
+        methods = ["stated+forced" if cfg.force else "stated"] if cfg.budget_in_prompt else ["forced"]
+    models, budgets, extensions = [str(m) for m in models], sorted(set(cfg.budgets)), sorted(set(cfg.extensions))
+    samples, seed, max_answer_tokens = cfg.samples, cfg.seed, cfg.max_answer_tokens
+    _check(models, cfg.n, budgets, extensions, samples, methods)
+    ext_cap = cfg.extension_max_thinking or budgets[-1]
+    par_budget = cfg.parallel_budget or budgets[0]
+    form = get_format(cfg.fmt)
+    the_task = get_task(cfg.task, **cfg.task_options)
+    problems = the_task.generate(cfg.n, seed)
     if not problems:
-        raise UserError(f"task {task!r} gave no problems; check its options (e.g. the problem file)")
+        raise UserError(f"task {cfg.task!r} gave no problems; check its options (e.g. the problem file)")
     n = len(problems)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = {"task": task, "task_options": task_options, "n": n, "seed": seed, "format": fmt,
-              "max_answer_tokens": max_answer_tokens, "temperature": temperature,
-              "extension_string": extension_string, "ext_cap": ext_cap, "parallel_budget": par_budget,
+    config = {"task": cfg.task, "task_options": cfg.task_options, "n": n, "seed": seed, "format": cfg.fmt,
+              "max_answer_tokens": max_answer_tokens, "temperature": cfg.temperature,
+              "extension_string": cfg.extension_string, "ext_cap": ext_cap, "parallel_budget": par_budget,
               "engine": engine if isinstance(engine, str) else type(engine).__name__}
     sig = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -556,7 +418,7 @@ def _run(models: list[str], task: str, n: int, seed: int, budgets: list[int], ex
         done[(r["model"], r["method"], r["setting"])] += 1
 
     plan = [(m, meth, s) for m in models for meth in methods
-            for s in make_settings(meth, budgets, extensions, samples, temperature, ext_cap, par_budget)]
+            for s in make_settings(meth, budgets, extensions, samples, cfg.temperature, ext_cap, par_budget)]
     records = []
     console = Console(stderr=True, quiet=quiet)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -572,20 +434,20 @@ def _run(models: list[str], task: str, n: int, seed: int, budgets: list[int], ex
                 write_jsonl(samples_path, kept)
             if model not in loaded:
                 loaded.clear()  # one model in memory at a time
-                options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+                options = {k: v for k, v in (("device", cfg.device), ("dtype", cfg.dtype)) if v is not None}
                 eng = engine if not isinstance(engine, str) else load_engine(model, backend=engine, **options)
-                loaded[model] = eng, Prompter(form, eng.tokenizer, prompt)
+                loaded[model] = eng, Prompter(form, eng.tokenizer, cfg.prompt)
                 loaded[model][1].check_thinking()  # every setting here is a thinking budget
             eng, prompter = loaded[model]
             budget = Budget(max_thinking_tokens=s.max_thinking, extensions=s.extensions,
-                            extension_string=extension_string, max_answer_tokens=max_answer_tokens)
+                            extension_string=cfg.extension_string, max_answer_tokens=max_answer_tokens)
             # max_tokens counts every sampled token, removed end-of-thinking tokens included: leave room for them
             room = s.max_thinking + max_answer_tokens + DELIMITER_ROOM * (s.extensions + 1)
             sampling = Sampling(temperature=s.temperature, max_tokens=room, seed=seed)
             bar = progress.add_task(f"{short_name(model)} {method} {s.label}", total=want)
             new = []
-            for start in range(0, n, batch_size):
-                chunk = problems[start:start + batch_size]
+            for start in range(0, n, cfg.batch_size):
+                chunk = problems[start:start + cfg.batch_size]
                 encoded = [prompter.encode(p.prompt, s.stated) for p in chunk]
                 outs = eng.generate([t for t, _ in encoded], sampling, n=s.samples, budget=budget, fmt=form,
                                     prompt_ids=[ids for _, ids in encoded])
@@ -612,14 +474,25 @@ def _run(models: list[str], task: str, n: int, seed: int, budgets: list[int], ex
 
 
 def run(models: list[str], task: str, n: int, seed: int, budgets: list[int], extensions: list[int] = (),
-        out: Path = Path("eval"), **kwargs) -> dict:
-    """`_run`, recorded as the `eval` stage in OUT/ledger.jsonl (tokens generated over all settings)."""
+        out: Path = Path("eval"), engine="torch", command: str | None = None, quiet: bool = False,
+        **settings) -> dict:
+    """`_run` with an EvalConfig of these settings, recorded as the `eval` stage in OUT/ledger.jsonl (tokens
+    generated over all settings)."""
+    from pydantic import ValidationError
+
+    from budgetthink.config import explain
     from budgetthink.ledger import stage_ledger
+
+    try:
+        cfg = EvalConfig(task=task, n=n, seed=seed, budgets=list(budgets), extensions=list(extensions or []),
+                         **settings)
+    except ValidationError as e:
+        raise explain(EvalConfig, e, "eval settings") from None
 
     samples = Path(out) / "samples.jsonl"
     done = len(list(iter_jsonl(samples))) if samples.exists() else 0
     with stage_ledger(out, stage="eval", model=None) as entry:
-        results = _run(models, task, n, seed, budgets, extensions, out=out, **kwargs)
+        results = _run(models, cfg, Path(out), engine, command, quiet)
         entry.add(tokens_generated=sum(len(r.get("token_ids") or []) or
                                        int(r.get("thinking_tokens") or 0) + int(r.get("answer_tokens") or 0)
                                        for r in list(iter_jsonl(samples))[done:]))

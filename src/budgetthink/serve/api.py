@@ -53,7 +53,7 @@ class CommonRequest(BaseModel):
     max_thinking_tokens: StrictInt | None = budget_field("max_thinking_tokens")
     min_thinking_tokens: StrictInt = budget_field("min_thinking_tokens")
     thinking_extensions: StrictInt = budget_field("extensions", le=64)
-    extension_string: StrictStr = budget_field("extension_string", max_length=256)
+    extension_string: StrictStr | None = budget_field("extension_string", max_length=256)
     answer_prefix: StrictStr = budget_field("answer_prefix", max_length=256)
     thinking_token_budget: StrictInt | None = budget_field("max_thinking_tokens",
                                                            description="vLLM's name for max_thinking_tokens")

@@ -221,7 +221,8 @@ def create_app(engine, model_name: str, fmt, api_key: str | None = None, **setti
                                 f"{config.max_batch}; lower n (or send fewer prompts)", param="n", code="invalid_value")
         for name, what in (("extension_string", "extension string"), ("answer_prefix", "answer prefix")):
             try:  # the engine inserts these: refuse them now, not once a stream has begun
-                encode_insert(engine.tokenizer, getattr(req, name), what)
+                if getattr(req, name) is not None:
+                    encode_insert(engine.tokenizer, getattr(req, name), what)
             except UserError as e:
                 raise APIError(400, f"{name}: {e}", param=name, code="invalid_value") from None
         sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,

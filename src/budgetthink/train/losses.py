@@ -213,6 +213,78 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float = 1.0,
+                  entropy: bool = False, entropy_grad: bool = False, chunk_bytes: int = 1 << 26):
+    """(log p(token) [N], entropy [N] or None) under softmax(head(hidden) / temperature), for hidden [N, H] and
+    tokens [N], without ever holding the [N, V] logits: rows go through the head in chunks of about
+    `chunk_bytes` of float32 logits, and backward recomputes each chunk's logits (on a 49k vocabulary the
+    logits of 64 rows x 512 tokens are 6.4 GB a copy; a chunk is 64 MB). The entropy carries a gradient only
+    with entropy_grad. Under autocast the head's matmuls run in the autocast dtype, as the model's would."""
+    rows = max(1, chunk_bytes // (4 * head.weight.shape[0]))
+    lp, ent = _HeadLogprobs.apply(hidden, head.weight, head.bias, tokens, temperature, rows, entropy, entropy_grad)
+    return lp, ent if entropy else None
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """Chunked log-softmax over the lm-head. With z = (h W^T + b) / T, p = softmax(z), per row:
+        lp = z[t] - logsumexp(z)      d lp / dz = onehot(t) - p
+        H  = -sum p log p             d H  / dz = -p (log p + H)
+    and the chain through z: dh = dz W / T, dW = dz^T h / T, db = sum dz / T."""
+
+    @staticmethod
+    def _logits(h, weight, bias, temperature):
+        return torch.nn.functional.linear(h, weight, bias).float() / temperature  # [n, V]
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature, rows, entropy, entropy_grad):
+        lp, lse, ent = [], [], []
+        for i in range(0, hidden.shape[0], rows):
+            z = _HeadLogprobs._logits(hidden[i:i + rows], weight, bias, temperature)
+            c = torch.logsumexp(z, -1)  # [n]
+            lp.append(z.gather(-1, tokens[i:i + rows, None])[:, 0] - c)
+            lse.append(c)
+            if entropy:
+                ent.append(c - (torch.softmax(z, -1) * z).sum(-1))
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        lp, lse = (torch.cat(x) if x else empty for x in (lp, lse))
+        ent = torch.cat(ent) if ent else empty
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse, ent)
+        ctx.temperature, ctx.rows, ctx.entropy_grad = temperature, rows, entropy and entropy_grad
+        ctx.autocast = (hidden.device.type, torch.is_autocast_enabled(hidden.device.type),
+                        torch.get_autocast_dtype(hidden.device.type))
+        if not ctx.entropy_grad:
+            ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, bias, tokens, lse, ent = ctx.saved_tensors
+        T, rows = ctx.temperature, ctx.rows
+        d_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        d_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        d_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        device, on, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=on):
+            for i in range(0, hidden.shape[0], rows):
+                h, t = hidden[i:i + rows], tokens[i:i + rows]
+                z = _HeadLogprobs._logits(h, weight, bias, T)
+                logp = z - lse[i:i + rows, None]  # [n, V]
+                p = logp.exp()
+                dz = p * -g_lp[i:i + rows, None]
+                dz.scatter_add_(-1, t[:, None], g_lp[i:i + rows, None])
+                if ctx.entropy_grad and g_ent is not None:
+                    dz -= g_ent[i:i + rows, None] * p * (logp + ent[i:i + rows, None])
+                dz /= T
+                if d_hidden is not None:
+                    d_hidden[i:i + rows] = dz.to(weight.dtype) @ weight
+                if d_weight is not None:
+                    d_weight += dz.T @ h.float()
+                if d_bias is not None:
+                    d_bias += dz.sum(0)
+        return (d_hidden, d_weight.to(weight.dtype) if d_weight is not None else None,
+                d_bias.to(bias.dtype) if d_bias is not None else None, None, None, None, None, None)
+
+
 # --- policy loss and aggregation ------------------------------------------------------------------------
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip_low: float = 0.2,
                 clip_high: float = 0.2, dual_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

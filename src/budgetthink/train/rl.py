@@ -37,7 +37,7 @@ from budgetthink.errors import UserError
 from budgetthink.formats import Prompter, get_format
 from budgetthink.jsonl import append_jsonl, read_jsonl
 from budgetthink.train import losses as L
-from budgetthink.train.batch import collate, critic_forward, policy_forward
+from budgetthink.train.batch import collate, critic_forward, micro, minibatch_plan, policy_forward
 from budgetthink.train.common import (
     MetricsLog,
     check_finite,
@@ -274,10 +274,6 @@ def _mix(*xs: int) -> int:
     return int(np.random.SeedSequence(list(xs)).generate_state(1)[0])
 
 
-def _micro(idx: list[int], size: int) -> list[list[int]]:
-    return [idx[i:i + size] for i in range(0, len(idx), size)]
-
-
 def _pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 
@@ -289,7 +285,7 @@ def score_batch(run: Run, rows: list[Rollout], need_old: bool) -> dict:
     T = max(max(len(r.completion.token_ids) for r in rows), 1)
     old, ref, val, ent = [], [], [], []
     with torch.no_grad():
-        for mb in _micro(list(range(len(rows))), cfg.micro_batch_size):
+        for mb in micro(list(range(len(rows))), cfg.micro_batch_size):
             batch = collate([rows[i] for i in mb], run.tokenizer.pad_token_id, cfg.truncated, dev)
             if need_old:
                 lp, e = policy_forward(run.model, batch, cfg.temperature, True, cfg.dtype)
@@ -330,57 +326,38 @@ def score_batch(run: Run, rows: list[Rollout], need_old: bool) -> dict:
 
 # --- the update -------------------------------------------------------------------------------------------------------
 def update(run: Run, rows: list[Rollout], step: int) -> dict:
-    """ppo_epochs passes over the batch in mini-batches (one optimizer step each), micro-batched."""
+    """ppo_epochs passes over the batch in mini-batches (one optimizer step each), micro-batched: the policy's
+    update here, then (ppo) the critic's over the same mini-batches (critic.update)."""
     cfg = run.cfg
     B = len(rows)
     mb_size = min(cfg.mini_batch_size or B, B)
     on_policy = cfg.ppo_epochs == 1 and mb_size == B  # the ratio is exactly 1: old log-probs = detached new ones
     data = score_batch(run, rows, need_old=not on_policy or cfg.kl_in_reward)
-    train_actor = not (cfg.algorithm == "ppo" and step <= cfg.critic.warmup_steps)
+    plan = minibatch_plan(B, cfg.n, mb_size, cfg.ppo_epochs, torch.Generator().manual_seed(_mix(cfg.seed, step, 7)))
     stats: dict[str, list] = {}
-    gen = torch.Generator().manual_seed(_mix(cfg.seed, step, 7))
-    run.model.train()
-    for epoch in range(cfg.ppo_epochs):
-        order = list(range(B))
-        if cfg.ppo_epochs > 1 or mb_size < B:  # shuffle whole groups, so a micro-batch still shares prompts
-            order = [g * cfg.n + j for g in torch.randperm(B // cfg.n, generator=gen).tolist() for j in range(cfg.n)]
-        for mb in _micro(order, mb_size):
+    if not (cfg.algorithm == "ppo" and step <= cfg.critic.warmup_steps):  # a warm-up trains only the critic
+        run.model.train()
+        for mb in plan:
             mb_tokens = float(data["mask"][mb].sum().clamp(min=1.0))
-            if train_actor:
-                run.optimizer.zero_grad(set_to_none=True)
-            if run.critic is not None:
-                run.critic_opt.zero_grad(set_to_none=True)
-            for micro in _micro(mb, cfg.micro_batch_size):
-                batch = collate([rows[i] for i in micro], run.tokenizer.pad_token_id, cfg.truncated, run.device)
-                T = batch["resp"].shape[1]
-                pick = {k: v[micro][:, :T] for k, v in data.items() if v.dim() == 2}
-                mask = pick["mask"]
+            run.optimizer.zero_grad(set_to_none=True)
+            for idx in micro(mb, cfg.micro_batch_size):
+                batch = collate([rows[i] for i in idx], run.tokenizer.pad_token_id, cfg.truncated, run.device)
+                pick = {k: v[idx][:, :batch["resp"].shape[1]] for k, v in data.items() if v.dim() == 2}
                 # weight so that the sum over micro-batches is the aggregate over the whole mini-batch
-                weight = (float(mask.sum()) / mb_tokens if cfg.loss_agg == "token-mean" else len(micro) / len(mb))
-                if train_actor:
-                    _actor_micro(run, batch, pick, weight, stats, step)
-                if run.critic is not None:
-                    values = critic_forward(run.critic, batch, cfg.dtype, share=not cfg.gradient_checkpointing)
-                    vl, vclip = L.value_loss(values, pick["values"], pick["returns"], cfg.critic.value_clip)
-                    vloss = L.aggregate(vl, mask, "token-mean")  # the critic's loss is always a token mean
-                    check_finite(step, run.last_ckpt, value_loss=vloss.item())
-                    (vloss * (float(mask.sum()) / mb_tokens)).backward()
-                    stats.setdefault("value_loss", []).append(vloss.item())
-                    stats.setdefault("value_clip_frac", []).append(L.masked_mean(vclip.float(), mask).item())
-            if train_actor:
-                gn = clip_grad(run.model.parameters(), cfg.optim.grad_clip)
-                check_finite(step, run.last_ckpt, grad_norm=gn)
-                run.optimizer.step()
-                run.updates += 1
-                stats.setdefault("grad_norm", []).append(gn)
-            if run.critic is not None:
-                gn = clip_grad(run.critic.parameters(), cfg.critic.optim.grad_clip)
-                check_finite(step, run.last_ckpt, critic_grad_norm=gn)
-                run.critic_opt.step()
-    if train_actor:
+                weight = float(pick["mask"].sum()) / mb_tokens if cfg.loss_agg == "token-mean" else len(idx) / len(mb)
+                _actor_micro(run, batch, pick, weight, stats, step)
+            gn = clip_grad(run.model.parameters(), cfg.optim.grad_clip)
+            check_finite(step, run.last_ckpt, grad_norm=gn)
+            run.optimizer.step()
+            run.updates += 1
+            stats.setdefault("grad_norm", []).append(gn)
         run.scheduler.step()
     if run.critic is not None:
-        run.critic_sched.step()
+        from budgetthink.train import critic
+
+        for k, v in critic.update(run.critic, run.critic_opt, run.critic_sched, plan, rows, data, cfg,
+                                  run.tokenizer.pad_token_id, run.device, lambda **x: check_finite(step, run.last_ckpt, **x)).items():
+            stats.setdefault(k, []).extend(v)
     result = {k: float(np.mean(v)) for k, v in stats.items()}
     mask = data["mask"]
     if "entropy" in data:
