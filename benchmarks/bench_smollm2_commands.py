@@ -24,6 +24,8 @@ from pathlib import Path
 
 from paths import ROOT, shown
 
+sys.path.insert(0, str(ROOT / "src"))
+
 RESULTS = ROOT / "benchmarks" / "results"
 BIN = str(Path(sys.executable).parent / "budgetthink")
 
@@ -87,22 +89,25 @@ def serve_once(model: Path, env: dict, log: Path) -> dict:
     with open(log, "a") as sink:
         p = subprocess.Popen([BIN, "serve", "--model", str(model), "--port", str(port)], env=env, stdout=sink,
                              stderr=subprocess.STDOUT)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        while True:
-            try:
-                client.models.list()
-                break
-            except APIConnectionError:
-                if p.poll() is not None or time.perf_counter() - t > 300:
-                    raise SystemExit(f"serve did not start; see {log}") from None
-                time.sleep(0.5)
-        ready = time.perf_counter() - t
-        t = time.perf_counter()
-        r = client.chat.completions.create(model=client.models.list().data[0].id, messages=[{"role": "user", "content": "What is 12 times 7?"}],
-                                           max_tokens=96, temperature=0, extra_body={"max_thinking_tokens": 32})
-        latency = time.perf_counter() - t
-        p.send_signal(signal.SIGTERM)
-        _, _, usage = os.wait4(p.pid, 0)
+        try:
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+            while True:
+                try:
+                    client.models.list()
+                    break
+                except APIConnectionError:
+                    if p.poll() is not None or time.perf_counter() - t > 300:
+                        raise SystemExit(f"serve did not start; see {log}") from None
+                    time.sleep(0.5)
+            ready = time.perf_counter() - t
+            t = time.perf_counter()
+            r = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=96, temperature=0,
+                                               messages=[{"role": "user", "content": "What is 12 times 7?"}],
+                                               extra_body={"max_thinking_tokens": 32})
+            latency = time.perf_counter() - t
+        finally:  # never leave the server running
+            p.send_signal(signal.SIGTERM)
+            _, _, usage = os.wait4(p.pid, 0)
     return {"startup_s": round(ready, 2), "request_s": round(latency, 2),
             "completion_tokens": r.usage.completion_tokens, "peak_rss_mib": round(usage.ru_maxrss / 1024)}
 
@@ -133,6 +138,11 @@ def main():
         for old in ("eval", "model_traces.jsonl", "full", "LoRA", "rl"):
             shutil.rmtree(w / old, ignore_errors=True) if (w / old).is_dir() else (w / old).unlink(missing_ok=True)
     measure("models get", run, ["models", "get", "smollm2-135m", "--out", model], env, log)
+    shutil.rmtree(w / "converted", ignore_errors=True)
+    from budgetthink.models import gguf_path
+
+    measure("convert (the GGUF to a model directory)", run, ["convert", gguf_path("smollm2-135m"), "--out",
+                                                            w / "converted"], env, log)
     measure("generate", run, ["generate", "--model", model, "--task", "multiply", "--n", 8, "--max-tokens", 160,
                               "--max-thinking-tokens", 64, "digits=2", "split=test"], env, log)
     measure("eval", run, ["eval", "--model", model, "--task", "multiply", "--n", 32, "--budgets", "32,64",
