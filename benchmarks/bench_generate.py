@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from paths import cpu_flags
 
 from budgetthink.engine import Budget, Sampling
 from budgetthink.engine.torch import TorchEngine
@@ -58,16 +59,6 @@ def load_small(model_dir: Path | None):
                     AutoTokenizer.from_pretrained(d, local_files_only=True), f"pretrained: {d.name}")
     model, tok = tiny.init_model("small", seed=0)
     return model, tok, "random init (small preset shape; no pretrained build found)"
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's AVX-512 / AMX feature flags (bf16 matrix products are fast only with some of them)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx512", "amx")))
 
 
 def timed(fn):
@@ -239,7 +230,7 @@ def main() -> int:
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "transformers": __import__("transformers").__version__,
-                    "avx512_amx_flags": cpu_flags(),
+                    "cpu_flags": cpu_flags(),
                     "load_average_1min_at_start": load_at_start,
                     "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
         "settings": {"model": origin, "preset": None if args.model else "small",

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from paths import ROOT, shown
+from paths import ROOT, cpu_flags, shown
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -242,7 +242,7 @@ def main():
     ours["train_gflops"] = statistics.median([f / s["train_s"] / 1e9 for f, s in zip(train_flops, ours["steps"])][1:]
                                              or [train_flops[0] / ours["steps"][0]["train_s"] / 1e9])
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cores": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "settings": {**{k: (shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "params": n_params, "matmul_params": n_matmul, "prompt_tokens_mean": prompt_tokens},

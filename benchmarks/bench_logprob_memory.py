@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
-from paths import ROOT, shown
+from paths import ROOT, cpu_flags, shown
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -87,7 +87,7 @@ def main():
     out = {"benchmark": "logprob_memory", "command": "python benchmarks/bench_logprob_memory.py " + " ".join(sys.argv[1:]),
            "model": shown(args.model), "rows": args.rows, "tokens": args.tokens,
            "gradient_checkpointing": args.gradient_checkpointing, "log_probs_agree": agree,
-           "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "threads": args.threads,
+           "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(), "threads": args.threads,
                        "torch": torch.__version__, "load_average_at_end": os.getloadavg()},
            "sides": res, "peak_ratio_whole_over_chunked": res["whole logits"]["peak_above_model_mib"] /
            max(res["chunked"]["peak_above_model_mib"], 1)}

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
+from paths import cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,7 +180,7 @@ def main():
     report = {
         "benchmark": "bench_serve",
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count(),
-                    "torch": torch.__version__,
+                    "cpu_flags": cpu_flags(), "torch": torch.__version__,
                     "load_average_1m_before": load_before, "load_average_1m_after": os.getloadavg()[0]},
         "settings": {"model": os.path.relpath(args.model, ROOT) if args.model.startswith(str(ROOT)) else args.model, "requests_per_level": len(prompts), "max_tokens": args.max_tokens,
                      "temperature": 1.0, "server_max_batch": args.max_batch, "engine": "torch",

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from paths import ROOT, shown
+from paths import ROOT, cpu_flags, shown
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -168,7 +168,7 @@ def main():
 
     result = {"benchmark": "smollm2_commands", "command": "python benchmarks/bench_smollm2_commands.py " +
               " ".join(sys.argv[1:]), "model": "SmolLM2-135M-Instruct (134.5M parameters, vocabulary 49,152)",
-              "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "threads": args.threads,
+              "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(), "threads": args.threads,
                           "torch": torch.__version__, "load_average_at_end": os.getloadavg()},
               "work": shown(w), "commands": res}
     args.out.write_text(json.dumps(result, indent=2) + "\n")

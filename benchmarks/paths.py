@@ -1,4 +1,5 @@
-"""Where the benchmarks are, and paths as their JSON records them (repository-relative: no machine paths)."""
+"""Where the benchmarks are, paths as their JSON records them (repository-relative: no machine paths), and the
+CPU flags they record beside their figures."""
 
 from pathlib import Path
 
@@ -9,3 +10,13 @@ def shown(path: str | Path) -> str:
     """`path` relative to the repository when it lies inside it, else as given."""
     full = Path(path).resolve()
     return str(full.relative_to(ROOT)) if full.is_relative_to(ROOT) else str(path)
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's AVX2 / AVX-512 / AMX feature flags (bf16 matrix products are fast only with some of them)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx2", "avx512", "amx")))
