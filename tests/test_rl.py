@@ -271,7 +271,9 @@ def test_budget_curriculum_states_budgets_shapes_rewards_and_evaluates_per_budge
     cfg = config(tiny_model_dir, "max_steps=1", "eval_every=1", "max_response_tokens=20",
                  "budget_curriculum.budgets=[4,8]", "budget_curriculum.enforce=max", "budget_curriculum.alpha=0.5")
     sampled = []
-    real = rl.generate
+    from budgetthink.train import rollouts
+
+    real = rollouts.generate
 
     def spy(run, problems, n, sampling, budgets=None):
         rolls = real(run, problems, n, sampling, budgets)
@@ -279,11 +281,11 @@ def test_budget_curriculum_states_budgets_shapes_rewards_and_evaluates_per_budge
             sampled.extend(rolls)
         return rolls
 
-    rl.generate = spy
+    rollouts.generate = spy  # rollout() samples through it
     try:
         (r,) = rl.train(cfg, tmp_path)
     finally:
-        rl.generate = real
+        rollouts.generate = real
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert len(sampled) == 8
     for x in sampled:
