@@ -3,7 +3,7 @@ dtype, learning rate and loss; writes benchmarks/results/bench_grpo_vs_trl.json.
 
     python benchmarks/bench_grpo_vs_trl.py [--steps 4] [--prompts 16] [--n 8] [--max-tokens 128] [--dtype float32]
     python benchmarks/bench_grpo_vs_trl.py --model runs/smol --steps 3 --prompts 4 --n 4 --max-tokens 64 \
-        --out benchmarks/results/bench_grpo_vs_trl_smollm2.json        # a real model's shapes (SmolLM2-135M)
+        --shape smollm2-135m                                          # a real model's shapes (SmolLM2-135M)
 
 Both sides: a tiny Qwen2 (hidden 256, 6 layers, 8/4 heads, MLP 768: ~4.7M parameters, the shape of TRL's
 measurement of TRL) with the character tokenizer, randomly initialised (seed 0), the same 16
@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 
 import torch
-from paths import ROOT, cpu_flags, shown
+from paths import ROOT, cpu_flags, record, shown
 
 sys.path.insert(0, str(ROOT / "src"))
 
 from budgetthink.formats import get_format
-from budgetthink.jsonl import atomic_write_json, write_jsonl
+from budgetthink.jsonl import write_jsonl
 from budgetthink.tasks import get_task
 
 PROMPT = ("Using the numbers {numbers}, create an equation that equals {target}. Use + - * / and each number "
@@ -212,6 +212,7 @@ def main():
     ap.add_argument("--model", type=Path, default=None, help="a model directory to start both sides from "
                     "(default: a random 4.7M-parameter tiny Qwen2)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_grpo_vs_trl.json")
+    ap.add_argument("--shape", default="tiny-4.7m", help="the entry this run fills in the JSON (e.g. smollm2-135m)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,7 +258,14 @@ def main():
         result["step_time_ratio_trl_over_ours"] = trl["median_step_s"] / ours["median_step_s"]
         result["step_cpu_ratio_trl_over_ours"] = trl["median_step_cpu_s"] / ours["median_step_cpu_s"]
         result["load_average_at_end"] = os.getloadavg()
-    atomic_write_json(args.out, result)
+    result["command"] = "python benchmarks/bench_grpo_vs_trl.py " + " ".join(sys.argv[1:])
+    share = result["ours_train_share_of_matmul_peak"]
+    summary = {"train_share_of_matmul_peak": share, "target_share": 0.7, "share_met": share >= 0.7}
+    if trl:
+        ratio = result["step_time_ratio_trl_over_ours"]
+        summary |= {"ratio_trl_over_ours": ratio, "target": 3.0, "met": ratio >= 3.0,
+                    "peak_rss_mib": {"ours": ours["peak_rss_mib"], "trl": trl["peak_rss_mib"]}}
+    record(args.out, args.shape, result, summary)
     print(f"ours: {ours['median_step_s']:.2f} s/step (generate {ours['median_generate_s']:.2f}, "
           f"train {ours['median_train_s']:.2f}); training {ours['train_gflops']:.1f} GFLOP/s = "
           f"{result['ours_train_share_of_matmul_peak']:.0%} of the {peak:.0f} GFLOP/s matmul peak ({args.dtype})")

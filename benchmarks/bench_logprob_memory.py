@@ -1,6 +1,7 @@
 """Peak memory and time of the RL update's forward + backward on a real model's shapes: our log-probs through
 the lm-head in chunks (train/batch.policy_forward) against the whole [rows, tokens, vocabulary] logits (the
-model's own forward, then log-softmax and gather). Writes benchmarks/results/logprob_memory.json.
+model's own forward, then log-softmax and gather). Writes benchmarks/results/logprob_memory.json (an entry per
+setting: with and without gradient checkpointing).
 
     python benchmarks/bench_logprob_memory.py --model runs/smol [--rows 16] [--tokens 512] [--threads 2] \
         [--gradient-checkpointing]
@@ -22,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
-from paths import ROOT, cpu_flags, shown
+from paths import ROOT, cpu_flags, record, shown
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -84,15 +85,17 @@ def main():
 
     agree = torch.allclose(torch.tensor(res["chunked"]["logp_head"]), torch.tensor(res["whole logits"]["logp_head"]),
                            atol=1e-4)
-    out = {"benchmark": "logprob_memory", "command": "python benchmarks/bench_logprob_memory.py " + " ".join(sys.argv[1:]),
+    run = {"command": "python benchmarks/bench_logprob_memory.py " + " ".join(sys.argv[1:]),
            "model": shown(args.model), "rows": args.rows, "tokens": args.tokens,
            "gradient_checkpointing": args.gradient_checkpointing, "log_probs_agree": agree,
-           "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(), "threads": args.threads,
-                       "torch": torch.__version__, "load_average_at_end": os.getloadavg()},
-           "sides": res, "peak_ratio_whole_over_chunked": res["whole logits"]["peak_above_model_mib"] /
-           max(res["chunked"]["peak_above_model_mib"], 1)}
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in out.items() if k != "sides"}), file=sys.stderr)
+           "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(),
+                       "threads": args.threads, "torch": torch.__version__, "load_average_at_end": os.getloadavg()},
+           "sides": res}
+    summary = {"peak_rss_mib": {k: v["peak_rss_mib"] for k, v in res.items()},
+               "seconds": {k: v["seconds"] for k, v in res.items()}, "log_probs_agree": agree}
+    key = "gradient checkpointing" if args.gradient_checkpointing else "no checkpointing"
+    record(args.out, key, run, summary)
+    print(json.dumps(summary), file=sys.stderr)
 
 
 if __name__ == "__main__":

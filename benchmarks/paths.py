@@ -1,6 +1,7 @@
 """Where the benchmarks are, paths as their JSON records them (repository-relative: no machine paths), and the
 CPU flags they record beside their figures."""
 
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,3 +21,18 @@ def cpu_flags() -> list[str]:
         return []
     flags = next((line.split() for line in text.splitlines() if line.startswith("flags")), [])
     return sorted(f for f in flags if f.startswith(("avx2", "avx512", "amx")))
+
+
+def record(path: Path, key: str, run: dict, summary: dict) -> None:
+    """Write one benchmark run as entry `key` (a model shape, or a setting) of the JSON at `path`: `run` under
+    runs[key], its headline figures and targets under summary[key]; the other entries are kept, so one JSON
+    holds every shape a benchmark was run on."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if "runs" not in data:  # a file from before entries: start afresh
+        data = {}
+    data.setdefault("runs", {})[key] = run
+    data.setdefault("summary", {})[key] = summary
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,7 +1,7 @@
 """Countdown scoring: a hand-written table of completions and their expected rewards.
 
-Each expected reward is worked out by hand from TinyZero's rules (reference/tinyzero.md) and DESIGN.md's
-deliberate differences; a comment marks where TinyZero's own code would give another reward.
+Each expected reward is worked out by hand from TinyZero's rules and this project's deliberate differences
+(tasks/countdown.py's docstring); a comment marks where TinyZero's own code would give another reward.
 """
 
 import pytest
