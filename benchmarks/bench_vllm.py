@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from paths import record
+
 ROOT = Path(__file__).resolve().parent.parent
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
@@ -71,6 +73,7 @@ def main() -> int:
     ap.add_argument("--no-preload", action="store_true", help="no tcmalloc/iomp LD_PRELOAD re-execution")
     ap.add_argument("--skip-torch", action="store_true", help="measure vLLM only")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_vllm.json")
+    ap.add_argument("--shape", default="tiny-small", help="the model shape naming this run's entry (with the dtype)")
     args = ap.parse_args()
     try:
         import vllm
@@ -88,7 +91,6 @@ def main() -> int:
     from budgetthink.engine.torch import TorchEngine
     from budgetthink.engine.vllm import VLLMEngine
     from budgetthink.formats import get_format
-    from budgetthink.jsonl import atomic_write_json
     from budgetthink.tasks import get_task
     from budgetthink.tiny import init_model
 
@@ -156,8 +158,12 @@ def main() -> int:
         "sides": sides,
         "ratios": ratios,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out, result)
+    result["command"] = "python benchmarks/bench_vllm.py " + " ".join(sys.argv[1:])
+    summary = {"dtype": args.dtype, **ratios}
+    if "torch_plain" in rate:
+        ratio = rate["torch_plain"] / rate["vllm_raw"]  # our torch engine against vLLM's own LLM.generate
+        summary |= {"torch_over_vllm_generate": round(ratio, 3), "target": 1.5, "met": ratio >= 1.5}
+    record(args.out, f"{args.shape} {args.dtype}", result, summary)
     print(json.dumps(ratios))
     return 0
 
