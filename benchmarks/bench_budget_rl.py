@@ -147,6 +147,7 @@ def main():
               "settings": {"minutes": args.minutes, "n": args.n, "seed": args.seed, "budgets": budgets,
                            "start": shown(args.start), "overrides": args.overrides},
               "runs": runs, "arms": arms, "targets": targets, "wall_s": round(time.perf_counter() - t0, 1)}
+    result["command"] = "python benchmarks/bench_budget_rl.py " + " ".join(sys.argv[1:])
     atomic_write_json(args.out, result)
     plot(arms, budgets, args.out.with_suffix(".png"))
     for name, v in arms.items():

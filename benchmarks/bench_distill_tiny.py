@@ -189,6 +189,7 @@ def main() -> int:
         "wall_s": round(time.perf_counter() - t_all, 1),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
+    result["command"] = "python benchmarks/bench_distill_tiny.py " + " ".join(sys.argv[1:])
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, RESULTS / f"{args.name}.png")
     say(f"base {ev_base['unbudgeted']['accuracy']:.1f}% -> sft {ev_sft['unbudgeted']['accuracy']:.1f}% "

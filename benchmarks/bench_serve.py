@@ -192,6 +192,7 @@ def main():
         "identical_16_matched_length": results["matched"],
         "summary": summary_of(results, ratio, args),
     }
+    report["command"] = "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({"throughput_16_over_1": round(ratio, 2), **{f"c{c}": {k: round(results[c][k], 4) for k in (

@@ -116,6 +116,7 @@ def main() -> int:
         name = shown(model)
         report["models"][name] = {**anatomy(problems, outs, task), "wall_s": round(time.perf_counter() - t, 1)}
         print(name, json.dumps(report["models"][name]), file=sys.stderr)
+    report["command"] = "python benchmarks/bench_sft_errors.py " + " ".join(sys.argv[1:])
     atomic_write_json(args.out, report)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

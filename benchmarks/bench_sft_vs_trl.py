@@ -214,6 +214,7 @@ def main() -> int:
         "target": {"ratio_min": 1.5, "met": o["tokens_per_s"] / tr["tokens_per_s"] >= 1.5},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
+    result["command"] = "python benchmarks/bench_sft_vs_trl.py " + " ".join(sys.argv[1:])
     (RESULTS / "sft_vs_trl.json").write_text(json.dumps(result, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     say(f"ours {o['tokens_per_s']:.0f} tok/s; TRL {tr['tokens_per_s']:.0f} (random) / {tg['tokens_per_s']:.0f} "
