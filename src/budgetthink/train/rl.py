@@ -66,17 +66,23 @@ from budgetthink.train.rollouts import Rollout, generate, mix, rollout
 # --- run state -------------------------------------------------------------------------------------------------
 @dataclass
 class Run:
+    """What a run holds, by concern: its settings and place; the models and how they sample; the data; the
+    optimisation (policy, KL controller, reference, critic); progress and bookkeeping."""
+
     cfg: RLConfig
     out: Path
     device: torch.device
+    # models and sampling
     model: torch.nn.Module
     tokenizer: object
     engine: object
-    task: object
     fmt: object
     prompter: object  # formats.Prompter: task prompt -> the model's input text and ids
+    # data
+    task: object
     train_set: list
     eval_set: list
+    # optimisation
     optimizer: torch.optim.Optimizer
     scheduler: object
     kl: L.KLController
@@ -84,6 +90,7 @@ class Run:
     critic: torch.nn.Module | None = None
     critic_opt: torch.optim.Optimizer | None = None
     critic_sched: object = None
+    # progress and bookkeeping
     step: int = 0  # last completed step
     updates: int = 0  # optimizer steps taken by the policy (the engine is synced when this changes)
     synced: int = -1  # `updates` when the engine last received the weights
