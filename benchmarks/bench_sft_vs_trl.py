@@ -2,9 +2,12 @@
 masking, in one process; training throughput, and ours as a share of the machine's matmul throughput.
 
     .venv/bin/python benchmarks/bench_sft_vs_trl.py [--n 512] [--batch-size 32] [--preset small] [--repeats 1]
+    .venv/bin/python benchmarks/bench_sft_vs_trl.py --model runs/smol --shape smollm2-135m --n 64 --batch-size 4 \
+        [--lora 16]                                        # a real model: SmolLM2-135M, full or LoRA on both sides
 
 - Model: a `small`-shaped tiny Qwen2 (random weights: throughput does not depend on them), saved as a model
-  directory both sides load, with the same attention kernel and dtype (budgetthink's `auto` choice here).
+  directory both sides load, with the same attention kernel and dtype (budgetthink's `auto` choice here); or
+  `--model DIR`. `--lora R`: LoRA adapters of rank R (alpha 2R) on the same modules, through peft, on both sides.
 - Data: `--n` Countdown solver traces in the tinyzero format. TRL gets them as a prompt-completion dataset
   (completion_only_loss=True: the loss on the completion only, as ours), with the same tokenizer object
   (passed explicitly as processing_class: AutoTokenizer would pick the wrong class for a qwen2 directory); the bench
@@ -19,7 +22,7 @@ masking, in one process; training throughput, and ours as a share of the machine
   the same process; ours as a share of it counts 6 x parameters + 12 x layers x hidden x sequence length
   FLOPs per token (forward + backward, attention included at the batch's padded length).
 
-Writes benchmarks/results/sft_vs_trl.json.
+Writes entry `--shape` (`tiny-small`; `... lora` with --lora) of benchmarks/results/sft_vs_trl.json.
 """
 
 import argparse
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from paths import record
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -76,7 +80,10 @@ def run_ours(model_dir: Path, data: Path, work: Path, args, dtype: str) -> dict:
     cfg = load_config(sft.SFTConfig, None, [
         "format=tinyzero", "epochs=1", f"batch_size={args.batch_size}", "max_seq_len=1024", "lr=1e-3",
         "warmup_ratio=0.05", "betas=[0.9,0.95]", "weight_decay=1e-4", "grad_clip=1.0", f"dtype={dtype}",
-        "save_every=100000", "log_every=100000"], defaults={"model": str(model_dir), "data": str(data)})
+        "save_every=100000", "log_every=100000",
+        *(["prompt=raw"] if args.model else []),  # the text TRL gets
+        *([f"lora.r={args.lora}", f"lora.alpha={2 * args.lora}"] if args.lora else [])],
+        defaults={"model": str(model_dir), "data": str(data)})
     t0 = time.perf_counter()
     summary = sft.train(cfg, out)
     wall = time.perf_counter() - t0
@@ -123,7 +130,16 @@ def run_trl(model_dir: Path, rows: list[dict], work: Path, args, bf16: bool, att
                     logging_steps=1, seed=0, train_sampling_strategy=sampling, disable_tqdm=True,
                     eos_token=tok.eos_token)
     timer = StepTimer()
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[timer])
+    peft_config = None
+    if args.lora:
+        from peft import LoraConfig
+
+        from budgetthink.train.common import LoRA
+
+        peft_config = LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 target_modules=LoRA().target_modules)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[timer],
+                         peft_config=peft_config)
     ds = trainer.train_dataset
     tokens = sum(len(x) for x in ds["input_ids"])
     target = sum(sum(x != -100 for x in lab[1:]) for lab in ds["labels"])  # tokens with a prediction and a loss
@@ -146,6 +162,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="alternate ours / TRL this many times; best of each")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); 1 gives steadier "
                                                              "figures on a machine shared with other work")
+    ap.add_argument("--model", type=Path, default=None, help="a model directory (default: a random --preset model)")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank on both sides (0: full fine-tuning)")
+    ap.add_argument("--shape", default=None, help="the JSON entry (default: tiny-PRESET, + ' lora' with --lora)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,11 +177,18 @@ def main() -> int:
     from budgetthink.train.sft import use_bf16
 
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
-    model, tokenizer = tiny.init_model(args.preset, seed=0)
-    model_dir = work / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model_dir, model = args.model, AutoModelForCausalLM.from_pretrained(args.model)
+    else:
+        model, tokenizer = tiny.init_model(args.preset, seed=0)
+        model_dir = work / "model"
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
     params = sum(p.numel() for p in model.parameters())
+    shape = args.shape or f"tiny-{args.preset}"
+    shape += " lora" if args.lora and not shape.endswith("lora") else ""
     rows = trace_rows(args.n)
     write_jsonl(work / "traces.jsonl", rows)
     bf16 = use_bf16("auto", False)
@@ -189,7 +215,8 @@ def main() -> int:
 
     cfg = model.config
     mean_padded_len = o["padded_tokens"] / args.n  # ours: the padded length of a row, on average
-    flops_per_token = 6 * params + 12 * cfg.num_hidden_layers * cfg.hidden_size * mean_padded_len
+    # full fine-tuning's count; LoRA skips the frozen weights' gradients (about 4 x params instead of 6)
+    flops_per_token = (4 if args.lora else 6) * params + 12 * cfg.num_hidden_layers * cfg.hidden_size * mean_padded_len
     achieved = o["tokens"] * flops_per_token / o["train_s"] / 1e9
     result = {
         "benchmark": "sft_vs_trl",
@@ -198,7 +225,8 @@ def main() -> int:
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "transformers": transformers.__version__, "trl": trl.__version__,
                     "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
-        "settings": {"preset": args.preset, "parameters": params, "examples": args.n, "batch_size": args.batch_size,
+        "settings": {"model": str(args.model) if args.model else f"random {args.preset} preset", "lora": args.lora,
+                     "parameters": params, "examples": args.n, "batch_size": args.batch_size,
                      "max_length": 1024, "epochs": 1, "dtype": dtype, "attention": attn, "repeats": args.repeats,
                      "loss": "completion tokens only (prompt masked) on both sides"},
         "matmul_gflops": mm,
@@ -213,9 +241,12 @@ def main() -> int:
         "ours_share_of_matmul": achieved / mm["best"],
         "target": {"ratio_min": 1.5, "met": o["tokens_per_s"] / tr["tokens_per_s"] >= 1.5},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     result["command"] = "python benchmarks/bench_sft_vs_trl.py " + " ".join(sys.argv[1:])
-    (RESULTS / "sft_vs_trl.json").write_text(json.dumps(result, indent=2) + "\n")
+    record(RESULTS / "sft_vs_trl.json", shape, result, {
+        "ratio_vs_trl_default": result["ratio_vs_trl_default"],
+        "ratio_vs_trl_group_by_length": result["ratio_vs_trl_group_by_length"],
+        "share_of_matmul": result["ours_share_of_matmul"], "target_share": 0.7,
+        "share_met": result["ours_share_of_matmul"] >= 0.7})
     shutil.rmtree(work, ignore_errors=True)
     say(f"ours {o['tokens_per_s']:.0f} tok/s; TRL {tr['tokens_per_s']:.0f} (random) / {tg['tokens_per_s']:.0f} "
         f"(group_by_length): {result['ratio_vs_trl_default']:.2f}x / {result['ratio_vs_trl_group_by_length']:.2f}x; "
