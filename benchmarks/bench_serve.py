@@ -14,7 +14,7 @@ as many as the mixed ones, with max_tokens set to the mixed requests' mean compl
 workload's throughput target is judged against that level (the cost of mixing alone); its shares of the
 plain identical level are recorded too. Writes
 benchmarks/results/bench_serve.json: the machine, the settings, each level's raw latencies and figures, and a
-`summary` with each target beside its figure.
+`summary` with each target beside its figure, as the entry `--shape` of the file (the other shapes' kept).
 """
 
 import argparse
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
-from paths import cpu_flags
+from paths import cpu_flags, record
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,8 +97,7 @@ def summary_of(results: dict, ratio: float, args) -> dict:
     share = m["completion_tokens_per_s"] / matched["completion_tokens_per_s"]
     req_share = m["requests_per_s"] / same["requests_per_s"]
     tail = m["p99_latency_s"] / m["p50_latency_s"]
-    name = "tiny-" + args.preset if args.model_given is None else Path(args.model).name
-    return {name: {
+    return {
         "identical": {"throughput_16_over_1": ratio, "target": 8.0, "met": ratio >= 8.0,
                       **{f"c{c}_{k}": results[c][k] for c in (1, 16) for k in ("p50_latency_s", "p99_latency_s")}},
         "mixed": {"tokens_per_s_share_of_matched_identical": share,
@@ -107,7 +106,7 @@ def summary_of(results: dict, ratio: float, args) -> dict:
                   "tokens_per_s_share_of_identical": m["completion_tokens_per_s"] / same["completion_tokens_per_s"],
                   "requests_per_s_share_of_identical": req_share, "target_share": 0.8, "share_met": share >= 0.8,
                   "p99_over_p50": tail, "target_tail": 3.0, "tail_met": tail <= 3.0, "requests": m["requests"],
-                  "failures": m["failures"], "failures_met": m["failures"] == 0 and m["requests"] >= 500}}}
+                  "failures": m["failures"], "failures_met": m["failures"] == 0 and m["requests"] >= 500}}
 
 
 def show(name, r: dict) -> None:
@@ -133,6 +132,7 @@ def main():
                     help="the server's intra-op threads (OMP_NUM_THREADS); a tiny model gains nothing from more, "
                          "and on a busy machine more threads spin against other work")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_serve.json"))
+    ap.add_argument("--shape", default=None, help="the JSON entry (default: tiny-PRESET, or the model folder's name)")
     args = ap.parse_args()
     args.model_given = args.model
     if args.model is None:
@@ -190,11 +190,10 @@ def main():
         "concurrency_16": results[16],
         "mixed_16": results["mixed"],
         "identical_16_matched_length": results["matched"],
-        "summary": summary_of(results, ratio, args),
     }
     report["command"] = "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    shape = args.shape or ("tiny-" + args.preset if args.model_given is None else Path(args.model).name)
+    record(Path(args.out), shape, report, summary_of(results, ratio, args))
     print(json.dumps({"throughput_16_over_1": round(ratio, 2), **{f"c{c}": {k: round(results[c][k], 4) for k in (
         "requests_per_s", "p50_latency_s", "p99_latency_s")} for c in (1, 16)}}))
 
