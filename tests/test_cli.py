@@ -64,7 +64,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, words):
 
 
 # file-system faults and outputs that would destroy something: a one-line error, exit 2, nothing changed.
-# MODEL is the tiny test model; BROKEN a copy with its weights truncated; p.jsonl an existing problem file.
+# MODEL is the tiny test model; BROKEN a copy with its weights truncated; NOTOK one without its tokenizer;
+# odd.gguf a GGUF file of an unknown architecture; p.jsonl an existing problem file.
 @pytest.mark.parametrize("args, words", [
     (["data", "generate", "--task", "countdown", "--n", "2", "--out", "p.jsonl"], ["p.jsonl exists", "--force"]),
     (["data", "score", "--task", "countdown", "--in", "p.jsonl", "--out", "p.jsonl"], ["also the input"]),
@@ -82,6 +83,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, words):
     (["rl", "--out", "/proc/none/rl", "model=MODEL", "max_steps=1", "train_size=50", "eval_size=5"], ["/proc/none"]),
     (["sft", "--model", "MODEL", "--data", "p.jsonl", "--out", "/proc/none/sft"], ["/proc/none"]),
     (["generate", "--model", "MODEL", "--n", "1", "--max-thinking-tokens", str(10**30)], ["max_thinking_tokens"]),
+    (["generate", "--model", "NOTOK", "--n", "1"], ["NOTOK has no tokenizer"]),
+    (["sft", "--model", "NOTOK", "--data", "p.jsonl", "--out", "s"], ["NOTOK has no tokenizer"]),
+    (["convert", "odd.gguf", "--out", "o"], ["architecture 'notanarch'", "supported: "]),
 ])
 def test_faults_are_one_line_exit_2_and_change_nothing(tmp_path, tiny_model_dir, args, words):
     import shutil
@@ -91,6 +95,17 @@ def test_faults_are_one_line_exit_2_and_change_nothing(tmp_path, tiny_model_dir,
     (tmp_path / "old.jsonl").write_text("{}\n")
     (tmp_path / "done.jsonl").write_text(json.dumps({"id": "x", "task": "countdown", "prompt": "1 2 -> 3\n", "answer": {
         "numbers": [1, 2], "target": 3}, "completion": "<answer>1+2</answer>"}) + "\n")
+    notok = (tmp_path / "NOTOK")  # a model directory without its tokenizer
+    notok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / f, notok / f)
+    import gguf
+
+    odd = gguf.GGUFWriter(str(tmp_path / "odd.gguf"), arch="notanarch")  # a GGUF of an architecture no one loads
+    odd.write_header_to_file()
+    odd.write_kv_data_to_file()
+    odd.write_tensors_to_file()
+    odd.close()
     broken = shutil.copytree(tiny_model_dir, tmp_path / "BROKEN")
     (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:1000])
     before = {p: p.read_bytes() for p in tmp_path.glob("*.jsonl")}

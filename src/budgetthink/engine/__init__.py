@@ -66,12 +66,19 @@ def check_prompts(tokenizer, prompts: list[str], prompt_ids: list[list[int]] | N
     return prompt_ids
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def model_dir(path) -> Path:
-    """A model directory to load, checked (it has a config.json)."""
+    """A model directory to load, checked: it has a config.json and a tokenizer (without one, transformers may
+    hand back a tokenizer that encodes every prompt to nothing)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"model directory {path} not found (no config.json); "
                         "build one with `budgetthink tiny --out DIR` or pass an existing model directory")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"model directory {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                        "copy the tokenizer files of the model it came from into it")
     return path
 
 

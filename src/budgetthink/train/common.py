@@ -113,8 +113,12 @@ def load_model(name: str, ckpt: Path | None, lora: LoRA | None, gradient_checkpo
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from budgetthink.engine import model_dir
+
     source = ckpt / "model" if ckpt else name
     base = name if lora else source
+    if Path(base).is_dir():  # else a hub id, on a machine that has it
+        model_dir(base)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
         model = AutoModelForCausalLM.from_pretrained(base, **from_pretrained)
