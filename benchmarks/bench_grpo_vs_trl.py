@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from paths import ROOT, cpu_flags, record, shown
+from paths import ROOT, cpu_flags, in_own_process, record, shown
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -60,24 +60,6 @@ def build(workdir: Path, n_problems: int):
     problems = [Problem(p.id, p.task, PROMPT.format(**p.answer), p.answer, p.meta) for p in task.generate(n_problems, 0)]
     write_jsonl(workdir / "problems.jsonl", [p.to_dict() for p in problems])
     return model_dir, problems, sum(p.numel() for p in model.parameters())
-
-
-def _measured(fn, *a):
-    import resource
-
-    out = fn(*a)
-    return out, round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
-
-
-def in_own_process(fn, *a) -> dict:
-    """fn(*a) in a fresh interpreter, with that process's peak resident memory (MiB) as `peak_rss_mib`: each
-    side's figure is its own, whatever the other side left behind."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        out, peak = pool.submit(_measured, fn, *a).result()
-    return {**out, "peak_rss_mib": peak}
 
 
 def matmul_gflops(dtype: torch.dtype, m=4096, k=256, n=768, reps=20) -> float:

@@ -13,17 +13,15 @@ the two sides' log-probs are compared (they must agree to 1e-4).
 
 import argparse
 import json
-import multiprocessing
 import os
 import platform
 import resource
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
-from paths import ROOT, cpu_flags, record, shown
+from paths import ROOT, cpu_flags, in_own_process, record, shown
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -61,7 +59,7 @@ def side(name: str, model_dir: str, rows: int, tokens: int, checkpointing: bool)
     (logp * batch["mask"]).sum().backward()
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": round(seconds, 2), "peak_rss_mib": round(peak), "peak_above_model_mib": round(peak - before),
+    return {"seconds": round(seconds, 2), "peak_above_model_mib": round(peak - before),
             "logp_head": logp[0, :8].tolist()}
 
 
@@ -77,9 +75,7 @@ def main():
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     res = {}
     for name in ("chunked", "whole logits"):
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            res[name] = pool.submit(side, name, str(args.model), args.rows, args.tokens,
-                                    args.gradient_checkpointing).result()
+        res[name] = in_own_process(side, name, str(args.model), args.rows, args.tokens, args.gradient_checkpointing)
         print(f"{name}: {res[name]['seconds']} s, peak {res[name]['peak_rss_mib']} MiB", file=sys.stderr)
     import torch
 

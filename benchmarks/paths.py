@@ -1,8 +1,13 @@
 """Where the benchmarks are, paths as their JSON records them (repository-relative: no machine paths), and the
-CPU flags they record beside their figures."""
+CPU flags they record beside their figures, one entry of a results JSON, and a side run in its own process."""
 
 import json
+import multiprocessing
+import resource
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from budgetthink.jsonl import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +38,17 @@ def record(path: Path, key: str, run: dict, summary: dict) -> None:
     data.setdefault("runs", {})[key] = run
     data.setdefault("summary", {})[key] = summary
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, data)
+
+
+def _measured(fn, *a):
+    out = fn(*a)
+    return out, round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # ru_maxrss is KiB on Linux
+
+
+def in_own_process(fn, *a) -> dict:
+    """fn(*a) (a dict) in a fresh interpreter, with that process's peak resident memory in MiB added as
+    `peak_rss_mib`: each side of a comparison gets a figure of its own, whatever the other left behind."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        out, peak = pool.submit(_measured, fn, *a).result()
+    return {**out, "peak_rss_mib": peak}

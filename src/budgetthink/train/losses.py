@@ -240,11 +240,11 @@ class _HeadLogprobs(torch.autograd.Function):
         lp, lse, ent = [], [], []
         for i in range(0, hidden.shape[0], rows):
             z = _HeadLogprobs._logits(hidden[i:i + rows], weight, bias, temperature)
-            c = torch.logsumexp(z, -1)  # [n]
-            lp.append(z.gather(-1, tokens[i:i + rows, None])[:, 0] - c)
-            lse.append(c)
+            lse.append(torch.logsumexp(z, -1))  # [n]
+            logp = z - lse[-1][:, None]  # [n, V]
+            lp.append(logp.gather(-1, tokens[i:i + rows, None])[:, 0])
             if entropy:
-                ent.append(c - (torch.softmax(z, -1) * z).sum(-1))
+                ent.append(-(logp.exp() * logp).sum(-1))
         empty = hidden.new_zeros(0, dtype=torch.float32)
         lp, lse = (torch.cat(x) if x else empty for x in (lp, lse))
         ent = torch.cat(ent) if ent else empty
