@@ -31,7 +31,7 @@ A hand-written decoding loop (no `model.generate`), built for RL and evaluation 
   with the attention over the row's own tokens by log-sum-exp); only the rest is kept per row.
 - **Finished rows** are dropped once an eighth of the batch is done: the live rows' used cache positions are
   copied into new buffers (with `room` to grow), not the whole capacity.
-- **Sampling**: greedy (temperature 0), temperature, top-k, top-p, seeded with a torch.Generator. The
+- **Sampling**: greedy (temperature 0), temperature, top-k, top-p, seeded with a torch.Generator (`sample`). The
   log-probability of each sampled token is taken under the distribution actually sampled from (after
   temperature, top-k and top-p); under greedy it is the plain log-softmax of the logits. Inserted tokens
   get log-prob 0 and `sampled=False`.
@@ -245,12 +245,47 @@ def left_padded(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, 
     return ids, torch.tensor([len(s) for s in seqs], dtype=torch.long, device=device)
 
 
+BLOCK = 256  # tokens per block of the two-level sampling in `inverse_cdf`
+
+
+def inverse_cdf(mass: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token of each row whose cumulative mass first exceeds r * the row's total: mass [B, V] >= 0
+    (unnormalised), r [B, 1] uniform in [0, 1) as float64 -> (tokens [B], total mass [B] in float64). A token
+    of zero mass is never drawn.
+
+    Two levels: a float64 running sum over the sums of blocks of 256 tokens picks the block, a float32 one
+    within that block the token. Only the chosen block is cumulated: a running sum over all 49k tokens costs
+    more than the rest of sampling together here, and in float32 it would lose up to ~0.3% of the last
+    tokens' mass."""
+    B, V = mass.shape
+    if V % BLOCK:
+        mass = F.pad(mass, (0, BLOCK - V % BLOCK))
+    blocks = mass.view(B, -1, BLOCK)  # [B, nb, BLOCK]
+    outer = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [B, nb] mass up to each block's end
+    u = r * outer[:, -1:]  # [B, 1]
+    j = torch.searchsorted(outer, u, right=True).clamp(max=outer.shape[1] - 1)  # [B, 1] the block
+    before = torch.where(j > 0, outer.gather(1, (j - 1).clamp(min=0)), 0.0)  # mass of the blocks before it
+    inner = blocks.gather(1, j[:, :, None].expand(B, 1, BLOCK))[:, 0].cumsum(-1)  # [B, BLOCK]
+    k = torch.searchsorted(inner, (u - before).to(inner.dtype), right=True).clamp(max=BLOCK - 1)
+    x = (j * BLOCK + k)[:, 0]
+    empty = mass.gather(1, x[:, None])[:, 0] == 0
+    if bool(empty.any()):  # rounding ran past a block's last token with mass: take the nearest token with mass
+        far = (torch.arange(mass.shape[1], device=mass.device) - x[:, None]).abs().masked_fill(mass == 0, 1 << 62)
+        x = torch.where(empty, far.argmin(-1), x)
+    return x, outer[:, -1]
+
+
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None):
-    """logits [B, V] (float32 or float64) -> (tokens [B], log-probs [B] under the distribution sampled from)."""
+    """logits [B, V] (float32 or float64) -> (tokens [B], log-probs [B] under the distribution sampled from).
+
+    Sampling inverts the cumulative distribution (`inverse_cdf`): one uniform draw per row. Over a 49k
+    vocabulary that is ~10x cheaper on a CPU than a draw per token (an exponential race, or
+    `torch.multinomial`), which took a quarter of a SmolLM2 decoding step."""
     if sampling.temperature < GREEDY_BELOW:
         x = logits.argmax(-1)
         return x, logits.log_softmax(-1).gather(-1, x[:, None])[:, 0]
-    logits = logits / sampling.temperature
+    if sampling.temperature != 1:
+        logits = logits / sampling.temperature
     if sampling.top_k and sampling.top_k < logits.shape[-1]:
         kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -259,10 +294,11 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
         probs = sorted_logits.softmax(-1)
         beyond = probs.cumsum(-1) - probs > sampling.top_p  # mass before this token already exceeds top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(beyond, float("-inf")))
-    logp = logits.log_softmax(-1)  # [B, V]
-    race = torch.empty_like(logp).exponential_(generator=generator)  # argmax p/E with E ~ Exp(1) samples p
-    x = (logp - race.log()).argmax(-1)
-    return x, logp.gather(-1, x[:, None])[:, 0]
+    shifted = logits - logits.amax(-1, keepdim=True)  # [B, V], <= 0: exp cannot overflow
+    r = torch.rand(len(logits), 1, dtype=torch.float64, device=logits.device, generator=generator)
+    x, total = inverse_cdf(shifted.exp(), r)
+    lp = shifted.gather(-1, x[:, None])[:, 0] - total.log().to(shifted.dtype)
+    return x, lp
 
 
 class TorchEngine:
