@@ -4,8 +4,12 @@ CPU flags they record beside their figures, one entry of a results JSON, and a s
 import json
 import multiprocessing
 import resource
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
 
 from budgetthink.jsonl import atomic_write_json
 
@@ -52,3 +56,41 @@ def in_own_process(fn, *a) -> dict:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         out, peak = pool.submit(_measured, fn, *a).result()
     return {**out, "peak_rss_mib": peak}
+
+
+def matmul_rate(dtype=torch.float32, shapes: dict[str, tuple[int, int, int]] | None = None) -> dict:
+    """This machine's torch.matmul GFLOP/s: the best of a few square sizes (`best`, the peak the benchmarks'
+    shares of peak divide by) and, for each named (m, k, n) in `shapes`, the rate at that shape: the most a
+    model whose products have those shapes can reach."""
+    def rate(m, k, n):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a @ b
+        reps = max(3, int(2e9 / (2 * m * k * n)))
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        return round(2 * m * k * n * reps / (time.perf_counter() - t) / 1e9, 1)
+
+    square = {str(n): rate(n, n, n) for n in (256, 512, 1024, 2048)}
+    out = {"dtype": str(dtype).removeprefix("torch."), "by_size": square, "best": max(square.values())}
+    if shapes:
+        out["at_model_shapes"] = {name: rate(*s) for name, s in shapes.items()}
+    return out
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def op_profile(fn, top: int = 12) -> dict:
+    """Where fn()'s time goes: torch.profiler's operators by self CPU time, the `top` largest with their
+    share, and the share of all matrix products (`matmul_share`: what no change outside the products can
+    remove)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops) or 1
+    table = [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 3),
+              "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in ops[:top]]
+    mm = sum(e.self_cpu_time_total for e in ops if e.key in MATMUL_OPS)
+    return {"self_cpu_s": round(total / 1e6, 3), "matmul_share": round(mm / total, 3),
+            "matmul_s": round(mm / 1e6, 3), "top_ops": table}

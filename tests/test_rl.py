@@ -241,8 +241,7 @@ FIELDS = {"step", "reward_mean", "reward_std", "accuracy", "format_rate", "zero_
     ["algorithm=rloo", "loss_agg=seq-mean-token-mean", "ppo_epochs=2", "mini_batch_size=4", "dual_clip=3"],
     ["algorithm=reinforce_pp", "gamma=0.99", "kl_coef=0.01", "kl_in_reward=true", "kl_estimator=k1"],
     ["algorithm=grpo", "truncated=soft", "overlong_cache=4", "entropy_coef=0.01", "clip_high=0.28"],
-    ["algorithm=grpo", "dynamic_sampling=true", "max_refills=2"],
-], ids=["dr_grpo", "rloo", "reinforce_pp", "soft", "dynamic"])
+], ids=["dr_grpo", "rloo", "reinforce_pp", "soft"])
 def test_each_estimator_runs_a_step(tiny_model_dir, tmp_path, digit_scored, overrides):
     (r,) = rl.train(config(tiny_model_dir, "max_steps=1", *overrides), tmp_path)
     assert r["loss"] is not None and r["grad_norm"] is not None and r["grad_norm"] > 0
@@ -468,6 +467,7 @@ def test_dynamic_sampling_keeps_groups_with_mixed_accuracy_and_refills(tiny_mode
         rl._data = real
     for r in records:
         assert r["groups_trained"] == 3  # refilled to a full batch
+        assert r["loss"] is not None and r["grad_norm"] > 0  # and trained on it
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["groups_trained"] == 3 for r in rows)
 
