@@ -61,36 +61,47 @@ def in_own_process(fn, *a) -> dict:
 def matmul_rate(dtype=torch.float32, shapes: dict[str, tuple[int, int, int]] | None = None) -> dict:
     """This machine's torch.matmul GFLOP/s: the best of a few square sizes (`best`, the peak the benchmarks'
     shares of peak divide by) and, for each named (m, k, n) in `shapes`, the rate at that shape: the most a
-    model whose products have those shapes can reach."""
-    def rate(m, k, n):
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        a @ b
+    model whose products have those shapes can reach. In fp32 also oneDNN's product on a prepacked weight
+    (`onednn_best`, what the engine's linear layers use): on AMD CPUs with AVX-512, torch.matmul's MKL runs
+    its AVX2 code and oneDNN's is the machine's real fp32 peak."""
+    def rate(m, k, n, mm=torch.matmul, pack=lambda b: b):
+        a, b = torch.randn(m, k, dtype=dtype), pack(torch.randn(k, n, dtype=dtype))
+        mm(a, b)
         reps = max(3, int(2e9 / (2 * m * k * n)))
         t = time.perf_counter()
         for _ in range(reps):
-            a @ b
+            mm(a, b)
         return round(2 * m * k * n * reps / (time.perf_counter() - t) / 1e9, 1)
 
     square = {str(n): rate(n, n, n) for n in (256, 512, 1024, 2048)}
     out = {"dtype": str(dtype).removeprefix("torch."), "by_size": square, "best": max(square.values())}
     if shapes:
         out["at_model_shapes"] = {name: rate(*s) for name, s in shapes.items()}
+    if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        def onednn(a, w):  # w: [n, k] packed, as a linear layer's weight
+            return torch._C._nn.mkldnn_linear(a.to_mkldnn(), w, zero).to_dense()
+
+        onednn_sq = {}
+        for n in (256, 512, 1024, 2048):
+            zero = torch.zeros(n).to_mkldnn()
+            onednn_sq[str(n)] = rate(n, n, n, onednn, lambda b: b.t().contiguous().to_mkldnn())
+        out |= {"onednn_by_size": onednn_sq, "onednn_best": max(onednn_sq.values())}
     return out
 
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
-def op_profile(fn, top: int = 12) -> dict:
-    """Where fn()'s time goes: torch.profiler's operators by self CPU time, the `top` largest with their
-    share, and the share of all matrix products (`matmul_share`: what no change outside the products can
-    remove)."""
+def op_profile(fn, top: int = 12) -> tuple[object, dict]:
+    """(fn(), where its time went): torch.profiler's operators by self CPU time, the `top` largest with
+    their share, and the share of all matrix products (`matmul_share`: what no change outside the products
+    can remove)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
+        out = fn()
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in ops) or 1
     table = [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 3),
               "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in ops[:top]]
     mm = sum(e.self_cpu_time_total for e in ops if e.key in MATMUL_OPS)
-    return {"self_cpu_s": round(total / 1e6, 3), "matmul_share": round(mm / total, 3),
-            "matmul_s": round(mm / 1e6, 3), "top_ops": table}
+    return out, {"self_cpu_s": round(total / 1e6, 3), "matmul_share": round(mm / total, 3),
+                 "matmul_s": round(mm / 1e6, 3), "top_ops": table}

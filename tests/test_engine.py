@@ -425,3 +425,44 @@ def test_advance_over_many_tokens_equals_one_at_a_time(model_tok, fmt_name):
                     seen |= {"forced" for _, _, c in want if c["meta"]["forced"]}
                     seen |= {"removed" for _, _, c in want if c["meta"]["closes_removed"]}
     assert {"eos", "stop_string", "max_tokens", "max_answer_tokens", "context", "forced", "removed"} <= seen, seen
+
+
+def test_onednn_linears_compute_the_same_products_and_repack_when_weights_change():
+    """In fp32 on the CPU the engine's linear layers run through oneDNN on packed weights: the same products
+    (to fp32 rounding), a new pack after an optimizer step, nothing patched with gradients on or after."""
+    from budgetthink.engine.torch import OneDNNLinears
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    lin = torch.nn.Linear(48, 96)
+    model = torch.nn.Sequential(lin, torch.nn.ReLU(), torch.nn.Linear(96, 8, bias=False))
+    x = torch.randn(3, 5, 48)
+    want = model(x).detach()
+    linears = OneDNNLinears(model)
+    with torch.inference_mode():
+        with linears:
+            assert "forward" in vars(lin)  # routed through oneDNN
+            got = model(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert "forward" not in vars(lin)
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)  # an in-place update, as an optimizer makes
+    want = model(x).detach()
+    with torch.inference_mode(), linears:
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)  # repacked, not the stale pack
+    with linears:  # gradients on: the layers stay torch's own
+        assert "forward" not in vars(lin)
+        assert model(x).requires_grad
+
+
+def test_engine_logits_through_onednn_equal_torch_linear(model_tok):
+    model, tok = model_tok
+    m32 = init_model("test", seed=0)[0].eval()
+    eng = TorchEngine(m32, tok)
+    s = Sampling(temperature=1.0, max_tokens=12, seed=5)
+    ours = eng.generate(PROMPTS, s, n=2)
+    eng._linears.on = False
+    plain = eng.generate(PROMPTS, s, n=2)
+    for a, b in zip(ours, plain):  # the same draws from distributions equal to fp32 rounding
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
