@@ -15,8 +15,8 @@ processing_class (AutoTokenizer would load a qwen2 directory as Qwen2Tokenizer).
 sides start from that model instead (its tokenizer; prompts as raw text on both sides).
 
 Reported per side: step time, its split into generation and the rest (scoring, log-probs, forward, backward,
-optimizer), median over the steps after the first (warm-up; the last step runs under torch.profiler, whose table of
-where our time goes is in the JSON), in wall time and in CPU time of this process
+optimizer), median over the steps after the first (warm-up; ours then runs one step more, untimed, under torch.profiler,
+whose table of where the time goes is in the JSON), in wall time and in CPU time of this process
 (the CPU time is the sturdier figure when other work shares the machine; the load average is recorded);
 the step-time ratio; our training throughput as a share of this machine's matmul throughput in the dtype (the best of square
 products; paths.matmul_rate);
@@ -27,6 +27,7 @@ memory, imports included).
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -75,7 +76,7 @@ def run_ours(args, model_dir: Path, workdir: Path) -> dict:
 
     cfg = load_config(rl.RLConfig, None, [
         f"model={model_dir}", f"train_file={workdir / 'problems.jsonl'}", "eval_size=0", "eval_every=0",
-        f"max_steps={args.steps}", f"save_every={args.steps}", f"prompts_per_step={args.prompts}", f"n={args.n}",
+        f"max_steps={args.steps + 1}", f"save_every={args.steps + 1}", f"prompts_per_step={args.prompts}", f"n={args.n}",
         f"max_response_tokens={args.max_tokens}", "temperature=1.0", "top_k=0", "top_p=1.0", f"optim.lr={args.lr}",
         "optim.grad_clip=1.0", "algorithm=grpo", "loss_agg=token-mean", "clip_low=0.2", "clip_high=0.2",
         "kl_coef=0", f"micro_batch_size={args.micro}", f"dtype={args.dtype}", "device=cpu", "seed=0",
@@ -87,7 +88,8 @@ def run_ours(args, model_dir: Path, workdir: Path) -> dict:
     def timed(fn, key):
         def wrapper(*a, **k):
             c = time.process_time()
-            if len(cpu[key]) == args.steps - 1:  # the last step runs under the profiler
+            if len(cpu[key]) == args.steps:  # one step more than timed, under the profiler
+                profiles.setdefault("peak_rss_mib_before", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
                 out, profiles[key] = op_profile(lambda: fn(*a, **k))
             else:
                 out = fn(*a, **k)
@@ -106,7 +108,7 @@ def run_ours(args, model_dir: Path, workdir: Path) -> dict:
                                 "response_len_mean")} for r in records]
     for s, g, u in zip(steps, cpu["generate"], cpu["train"]):
         s |= {"generate_cpu_s": g, "train_cpu_s": u, "step_cpu_s": g + u}
-    return {"wall_s": wall, "steps": steps, "profile_last_step": profiles}
+    return {"wall_s": wall, "steps": steps[:args.steps], "profile_extra_step": profiles}
 
 
 def run_trl(args, model_dir: Path, workdir: Path, problems: list) -> dict:
@@ -195,7 +197,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        model_dir, problems, n_params = build(workdir, args.prompts * args.steps)
+        model_dir, problems, n_params = build(workdir, args.prompts * (args.steps + 1))
         if args.model:
             model_dir, n_params = args.model, None  # counted below, as the matmul parameters
         ours = in_own_process(run_ours, args, model_dir, workdir)
@@ -238,13 +240,15 @@ def main():
     share = result["ours_train_share_of_matmul_peak"]
     # The training half can reach the peak only as far as it multiplies matrices, and its products only as
     # fast as they run at this model's shapes: share = matmul_share x (the products' own rate / the peak).
-    mm_share = ours["profile_last_step"]["train"]["matmul_share"]
+    mm_share = ours["profile_extra_step"]["train"]["matmul_share"]
     summary = {"train_share_of_matmul_peak": share, "target_share": 0.7, "share_met": share >= 0.7,
                "train_matmul_share": mm_share, "train_products_share_of_peak": share / mm_share}
     if trl:
         ratio = result["step_time_ratio_trl_over_ours"]
         summary |= {"ratio_trl_over_ours": ratio, "target": 3.0, "met": ratio >= 3.0,
-                    "peak_rss_mib": {"ours": ours["peak_rss_mib"], "trl": trl["peak_rss_mib"]}}
+                    # ours before its profiled extra step (the profiler's records take memory too)
+                    "peak_rss_mib": {"ours": ours["profile_extra_step"]["peak_rss_mib_before"],
+                                     "trl": trl["peak_rss_mib"]}}
     record(args.out, args.shape, result, summary)
     print(f"ours: {ours['median_step_s']:.2f} s/step (generate {ours['median_generate_s']:.2f}, "
           f"train {ours['median_train_s']:.2f}); training {ours['train_gflops']:.1f} GFLOP/s = "

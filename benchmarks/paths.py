@@ -89,7 +89,7 @@ def matmul_rate(dtype=torch.float32, shapes: dict[str, tuple[int, int, int]] | N
     return out
 
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_linear")
 
 
 def op_profile(fn, top: int = 12) -> tuple[object, dict]:

@@ -434,14 +434,15 @@ def test_onednn_linears_compute_the_same_products_and_repack_when_weights_change
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
-    lin = torch.nn.Linear(48, 96)
-    model = torch.nn.Sequential(lin, torch.nn.ReLU(), torch.nn.Linear(96, 8, bias=False))
-    x = torch.randn(3, 5, 48)
+    lin, small = torch.nn.Linear(512, 512), torch.nn.Linear(512, 8, bias=False)
+    model = torch.nn.Sequential(lin, torch.nn.ReLU(), small)
+    x = torch.randn(3, 5, 512)
     want = model(x).detach()
     linears = OneDNNLinears(model)
     with torch.inference_mode():
         with linears:
             assert "forward" in vars(lin)  # routed through oneDNN
+            assert "forward" not in vars(small)  # too small to gain: torch's own
             got = model(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert "forward" not in vars(lin)
@@ -455,10 +456,14 @@ def test_onednn_linears_compute_the_same_products_and_repack_when_weights_change
         assert model(x).requires_grad
 
 
-def test_engine_logits_through_onednn_equal_torch_linear(model_tok):
+def test_engine_logits_through_onednn_equal_torch_linear(model_tok, monkeypatch):
+    from budgetthink.engine.torch import OneDNNLinears
+
+    monkeypatch.setattr(OneDNNLinears, "MIN_WEIGHT", 0)  # the test model's layers are all small
     model, tok = model_tok
     m32 = init_model("test", seed=0)[0].eval()
     eng = TorchEngine(m32, tok)
+    assert eng._linears.layers
     s = Sampling(temperature=1.0, max_tokens=12, seed=5)
     ours = eng.generate(PROMPTS, s, n=2)
     eng._linears.on = False

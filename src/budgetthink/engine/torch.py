@@ -247,8 +247,10 @@ class OneDNNLinears:
     only when it changes (its version counter moves, as an optimizer step makes it), so one instance serves a
     model that trains between generations. Layers on a GPU or in another dtype are left as they are."""
 
+    MIN_WEIGHT = 1 << 18  # smaller layers lose more to converting their input than oneDNN's product gains
+
     def __init__(self, model):
-        self.layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+        self.layers = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.numel() >= self.MIN_WEIGHT]
         self.on = torch.backends.mkldnn.is_available() and bool(self.layers)
         self.packed: dict[int, tuple] = {}  # id(layer) -> (weight version, weight data pointer, w, b)
         self.active: list = []
