@@ -65,6 +65,13 @@ def load_small(model_dir: Path | None):
     return model, tok, "random init (small preset shape; no pretrained build found)"
 
 
+def decode_shapes(config, rows: int) -> dict:
+    """(m, k, n) of a decoding step's products: rows x hidden through the MLP and the lm-head."""
+    h = config.hidden_size
+    return {f"mlp_up {rows}x{h}x{config.intermediate_size}": (rows, h, config.intermediate_size),
+            f"lm_head {rows}x{h}x{config.vocab_size}": (rows, h, config.vocab_size)}
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -245,7 +252,7 @@ def main() -> int:
                     "transformers": __import__("transformers").__version__,
                     "cpu_flags": cpu_flags(),
                     "load_average_1min_at_start": load_at_start,
-                    "matmul_gflops_float32": matmul_rate(),
+                    "matmul_gflops_float32": matmul_rate(shapes=decode_shapes(base.config, P * n)),
                     "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
         "settings": {"model": origin, "preset": None if args.model else "small",
                      "parameters": sum(p.numel() for p in base.parameters()),

@@ -78,14 +78,15 @@ def matmul_rate(dtype=torch.float32, shapes: dict[str, tuple[int, int, int]] | N
     if shapes:
         out["at_model_shapes"] = {name: rate(*s) for name, s in shapes.items()}
     if dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        def onednn(a, w):  # w: [n, k] packed, as a linear layer's weight
-            return torch._C._nn.mkldnn_linear(a.to_mkldnn(), w, zero).to_dense()
-
-        onednn_sq = {}
-        for n in (256, 512, 1024, 2048):
+        def onednn(m, k, n):  # the weight [n, k] packed, as a linear layer's
             zero = torch.zeros(n).to_mkldnn()
-            onednn_sq[str(n)] = rate(n, n, n, onednn, lambda b: b.t().contiguous().to_mkldnn())
-        out |= {"onednn_by_size": onednn_sq, "onednn_best": max(onednn_sq.values())}
+            return rate(m, k, n, lambda a, w: torch._C._nn.mkldnn_linear(a.to_mkldnn(), w, zero).to_dense(),
+                        lambda b: b.t().contiguous().to_mkldnn())
+
+        sq = {str(n): onednn(n, n, n) for n in (256, 512, 1024, 2048)}
+        out |= {"onednn_by_size": sq, "onednn_best": max(sq.values())}
+        if shapes:
+            out["onednn_at_model_shapes"] = {name: onednn(*s) for name, s in shapes.items()}
     return out
 
 

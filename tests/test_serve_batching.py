@@ -52,12 +52,17 @@ CASES = [
     ({"prompt": "7+1=", "max_tokens": 40, "temperature": 0, "min_thinking_tokens": 10, "thinking_extensions": 2,
       "extension_string": "Hmm"}, {"min_thinking_tokens": 10, "extensions": 2, "extension_string": "Hmm"}),
     ({"prompt": ["2+2=", "6*7="], "n": 2, "max_tokens": 14, "temperature": 0, "stop": ["1", "2"]}, {}),
+    # seeded sampling, two requests of the same settings (sampled in one call, each from its own seed)
+    ({"prompt": "4+4=", "max_tokens": 20, "temperature": 1.0, "seed": 7}, {}),
+    ({"prompt": "6+1=", "max_tokens": 16, "temperature": 1.0, "seed": 8, "max_thinking_tokens": 5},
+     {"max_thinking_tokens": 5}),
 ]
 
 
 def alone(engine, req: dict, budget: dict):
     prompts = [req["prompt"]] if isinstance(req["prompt"], str) else req["prompt"]
-    sampling = Sampling(temperature=req["temperature"], max_tokens=req["max_tokens"], stop=req.get("stop", []))
+    sampling = Sampling(temperature=req["temperature"], max_tokens=req["max_tokens"], stop=req.get("stop", []),
+                        seed=req.get("seed"))
     return engine.generate([p + FMT.think_open for p in prompts], sampling, n=req.get("n", 1),
                            budget=Budget(**budget, max_answer_tokens=req["max_tokens"]), fmt=FMT)
 

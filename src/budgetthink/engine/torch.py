@@ -317,8 +317,14 @@ def inverse_cdf(mass: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torc
     return x, outer[:, -1]
 
 
-def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None):
+def uniforms(rows: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """The uniform draws [rows, 1] (float64) that `sample` turns into tokens, one per row."""
+    return torch.rand(rows, 1, dtype=torch.float64, device=device, generator=generator)
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None, r: torch.Tensor | None = None):
     """logits [B, V] (float32 or float64) -> (tokens [B], log-probs [B] under the distribution sampled from).
+    r: the rows' uniform draws (`uniforms`), when they come from several generators; else drawn from generator.
 
     Sampling inverts the cumulative distribution (`inverse_cdf`): one uniform draw per row. Over a 49k
     vocabulary that is ~10x cheaper on a CPU than a draw per token (an exponential race, or
@@ -337,7 +343,7 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
         beyond = probs.cumsum(-1) - probs > sampling.top_p  # mass before this token already exceeds top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(beyond, float("-inf")))
     shifted = logits - logits.amax(-1, keepdim=True)  # [B, V], <= 0: exp cannot overflow
-    r = torch.rand(len(logits), 1, dtype=torch.float64, device=logits.device, generator=generator)
+    r = uniforms(len(logits), generator, logits.device) if r is None else r
     x, total = inverse_cdf(shifted.exp(), r)
     lp = shifted.gather(-1, x[:, None])[:, 0] - total.log().to(shifted.dtype)
     return x, lp

@@ -6,14 +6,16 @@ The engine already keeps everything per row: the KV cache (`RowCache`: each row 
 length), the attention mask and position ids, and budget forcing (`Forcing`, a per-row state machine). So a
 running request here is a *group* of rows with its own `Forcing` (its budget, stop strings, max_tokens), its
 own sampling settings and seeded generator, and its own output buffers; the groups' rows sit side by side in
-one `RowCache`, and each decoding step is one forward of all of them. Sampling and the budget rules run per
-group on its slice of the logits (a few tensor ops per group), so no setting ever has to match another's.
+one `RowCache`, and each decoding step is one forward of all of them. Sampling runs once per kind of
+settings, the budget rules per group on its rows (a few tensor ops per group), so no setting ever has to
+match another's.
 
 One step, in the engine thread (`TorchEngine._run` does the same for a single group):
 1. admit: the oldest waiting requests that fit in `max_batch` rows (first come, first served: a request that
    does not fit waits for rows to free up, and later ones wait behind it, so none starves); their prompts
    are prefilled together and their rows appended to the cache;
-2. sample each group's rows from its logits and apply its budget rules (`Forcing.advance`);
+2. sample: the groups that share sampling settings in one call, each with its own generator's draws; then
+   each group applies its budget rules (`Forcing.advance`);
 3. finished rows become Completions; a group with no row left settles its request; cancelled groups and
    finished rows leave the cache (when a group ends, or an eighth of the rows are done, as in the engine);
 4. one forward: every live row feeds one token (a sampled token, or the next token of an inserted string).
@@ -31,7 +33,7 @@ import torch
 
 from budgetthink.budget import Forcing
 from budgetthink.engine import completion
-from budgetthink.engine.torch import ATTENTION, RowCache, left_padded, room, sample
+from budgetthink.engine.torch import ATTENTION, GREEDY_BELOW, RowCache, left_padded, room, sample, uniforms
 from budgetthink.errors import UserError
 from budgetthink.serve.api import APIError
 from budgetthink.serve.jobs import Job, admit
@@ -71,13 +73,13 @@ class Group:
     def rows(self) -> int:
         return len(self.row_id)
 
-    def sample(self, logits: torch.Tensor) -> None:
-        """Sample the ready rows from logits [b, V] and apply the budget rules (the engine's step, per group)."""
+    def take(self, x: torch.Tensor, lp: torch.Tensor) -> None:
+        """Keep the ready rows' sampled tokens x [b] (log-probs lp [b]) and apply the budget rules (the engine's
+        step, per group)."""
         f, pad = self.forcing, self.engine.pad
         b = self.rows
-        rows = torch.arange(b, device=logits.device)
+        rows = torch.arange(b, device=x.device)
         ready = f.live & (self.cache_len == self.plen + self.out_len)  # [b] rows whose whole sequence is cached
-        x, lp = sample(logits, self.job.sampling, self.generator)
         if int(self.out_len.max()) + 1 + f.max_insert > self.out_tok.shape[1]:  # room for this step's writes
             grow = self.out_tok.shape[1]
             self.out_tok = torch.cat([self.out_tok, self.out_tok.new_full((b, grow), pad)], 1)
@@ -90,7 +92,7 @@ class Group:
             end = int(self.out_len[r]) - drop
             self.cache_len[r] = min(int(self.cache_len[r]), int(self.plen[r]) + end)  # a removed delimiter leaves
             m = len(ins)
-            self.out_tok[r, end:end + m] = torch.tensor(ins, dtype=torch.long, device=logits.device)
+            self.out_tok[r, end:end + m] = torch.tensor(ins, dtype=torch.long, device=x.device)
             self.out_lp[r, end:end + m], self.out_smp[r, end:end + m] = 0.0, False
             self.out_len[r] = end + m
 
@@ -247,13 +249,32 @@ class Scheduler:
         self.groups += new
         self.metrics.engine_seconds += time.perf_counter() - t0
 
-    def step(self):
-        t0 = time.perf_counter()
-        at = 0
+    def sample(self):
+        """Sample every running group's rows. Groups with the same temperature, top-k and top-p sample in one
+        call, each with the draws of its own generator, so a seeded request's tokens do not depend on what it
+        is batched with (a step costs one sampling per kind of settings, not one per request)."""
+        kinds, at = {}, 0
         for g in self.groups:
             if not g.job.cancelled:
-                g.sample(self.logits[at:at + g.rows])
+                s = g.job.sampling
+                kinds.setdefault((s.temperature, s.top_k, s.top_p), []).append((g, at))
             at += g.rows
+        dev = self.logits.device
+        for same in kinds.values():
+            s = same[0][0].job.sampling
+            idx = torch.cat([torch.arange(a, a + g.rows, device=dev) for g, a in same])
+            logits = self.logits if len(idx) == len(self.logits) else self.logits[idx]  # [rows of this kind, V]
+            r = None if s.temperature < GREEDY_BELOW else torch.cat([uniforms(g.rows, g.generator, dev)
+                                                                     for g, _ in same])
+            x, lp = sample(logits, s, None, r)
+            first = 0
+            for g, _ in same:
+                g.take(x[first:first + g.rows], lp[first:first + g.rows])
+                first += g.rows
+
+    def step(self):
+        t0 = time.perf_counter()
+        self.sample()
         # finished rows and departed requests leave the batch
         done = sum(int((~g.forcing.live).sum()) for g in self.groups)
         ended = any(g.job.cancelled or not bool(g.forcing.live.any()) for g in self.groups)
