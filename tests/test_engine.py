@@ -456,13 +456,12 @@ def test_onednn_linears_compute_the_same_products_and_repack_when_weights_change
         assert model(x).requires_grad
 
 
-def test_engine_logits_through_onednn_equal_torch_linear(model_tok, monkeypatch):
+def test_engine_logits_through_onednn_equal_torch_linear(monkeypatch):
     from budgetthink.engine.torch import OneDNNLinears
 
     monkeypatch.setattr(OneDNNLinears, "MIN_WEIGHT", 0)  # the test model's layers are all small
-    model, tok = model_tok
-    m32 = init_model("test", seed=0)[0].eval()
-    eng = TorchEngine(m32, tok)
+    m32, tok = init_model("test", seed=0)
+    eng = TorchEngine(m32.eval(), tok)
     assert eng._linears.layers
     s = Sampling(temperature=1.0, max_tokens=12, seed=5)
     ours = eng.generate(PROMPTS, s, n=2)
