@@ -12,8 +12,9 @@ match another's.
 
 One step, in the engine thread (`TorchEngine._run` does the same for a single group):
 1. admit: the oldest waiting requests that fit in `max_batch` rows (first come, first served: a request that
-   does not fit waits for rows to free up, and later ones wait behind it, so none starves); their prompts
-   are prefilled together and their rows appended to the cache;
+   does not fit waits for rows to free up, and later ones wait behind it, so none starves; while others
+   decode, joiners are gathered for up to JOIN_PATIENCE steps to share one prefill); their prompts are
+   prefilled together and their rows appended to the cache;
 2. sample: the groups that share sampling settings in one call, each with its own generator's draws; then
    each group applies its budget rules (`Forcing.advance`);
 3. finished rows become Completions; a group with no row left settles its request; cancelled groups and
@@ -39,6 +40,7 @@ from budgetthink.serve.api import APIError
 from budgetthink.serve.jobs import Job, admit
 
 log = logging.getLogger("budgetthink.serve")
+JOIN_PATIENCE = 4  # steps a joiner may wait for others to prefill with (see Scheduler.join)
 
 
 class Group:
@@ -146,6 +148,7 @@ class Scheduler:
         self.waiting: list[Job] = []  # guarded by `cond`
         self.groups: list[Group] = []  # the running batch, in cache row order (engine thread only)
         self.cache: RowCache | None = None
+        self.waited = 0  # steps the oldest waiting job has been held back to join with others
         self.logits: torch.Tensor | None = None  # [B, V] next-token logits of every row
         self.closing = False
         self.cond = threading.Condition()
@@ -207,10 +210,18 @@ class Scheduler:
                     self.groups, self.cache, self.logits = [], None, None
 
     def join(self):
-        """Admit the oldest waiting jobs that fit, prefill them together, and append their rows."""
+        """Admit the oldest waiting jobs that fit, prefill them together, and append their rows. While others
+        decode, joiners are gathered first: until their rows fill an eighth of the batch or the oldest has
+        waited JOIN_PATIENCE steps. A prefill reads every weight once whatever its rows, like a decoding step,
+        so where that reading is the cost (a real model on a CPU) four prompts prefill for about one's price."""
         free = self.max_batch - self.rows
         new = []
         with self.cond:
+            few = sum(j.rows for j in self.waiting) < max(1, self.max_batch // 8)
+            if self.groups and self.waiting and few and self.waited < JOIN_PATIENCE:
+                self.waited += 1
+                return
+            self.waited = 0
             while self.waiting and self.waiting[0].rows <= free:
                 job = self.waiting.pop(0)
                 if job.cancelled:
