@@ -15,11 +15,11 @@ processing_class (AutoTokenizer would load a qwen2 directory as Qwen2Tokenizer).
 sides start from that model instead (its tokenizer; prompts as raw text on both sides).
 
 Reported per side: step time, its split into generation and the rest (scoring, log-probs, forward, backward,
-optimizer), median over the steps after the first (warm-up; ours then runs one step more, untimed, under torch.profiler,
-whose table of where the time goes is in the JSON), in wall time and in CPU time of this process
+optimizer), median over the steps after the first (warm-up), in wall time and in CPU time of this process
 (the CPU time is the sturdier figure when other work shares the machine; the load average is recorded);
-the step-time ratio; our training throughput as a share of this machine's matmul throughput in the dtype (the best of square
-products; paths.matmul_rate);
+ours then runs one step more, untimed, under torch.profiler (its table of where the time goes is in the
+JSON); the step-time ratio; our training throughput as a share of this machine's matmul throughput in the
+dtype (paths.matmul_rate: the best of square products);
 both reward curves; each side's peak memory (each side runs in a fresh process of its own: its peak resident
 memory, imports included).
 """
@@ -82,14 +82,14 @@ def run_ours(args, model_dir: Path, workdir: Path) -> dict:
         "kl_coef=0", f"micro_batch_size={args.micro}", f"dtype={args.dtype}", "device=cpu", "seed=0",
         *(["prompt=raw"] if args.model else [])])
     cpu = {"generate": [], "train": []}
-    profiles = {}
+    profiles, rss_before = {}, []
     real_rollout, real_update = rl.rollout, rl.update
 
     def timed(fn, key):
         def wrapper(*a, **k):
             c = time.process_time()
             if len(cpu[key]) == args.steps:  # one step more than timed, under the profiler
-                profiles.setdefault("peak_rss_mib_before", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+                rss_before.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
                 out, profiles[key] = op_profile(lambda: fn(*a, **k))
             else:
                 out = fn(*a, **k)
@@ -108,7 +108,8 @@ def run_ours(args, model_dir: Path, workdir: Path) -> dict:
                                 "response_len_mean")} for r in records]
     for s, g, u in zip(steps, cpu["generate"], cpu["train"]):
         s |= {"generate_cpu_s": g, "train_cpu_s": u, "step_cpu_s": g + u}
-    return {"wall_s": wall, "steps": steps[:args.steps], "profile_extra_step": profiles}
+    return {"wall_s": wall, "steps": steps[:args.steps], "profile_extra_step": profiles,
+            "peak_rss_mib_before_profile": rss_before[0]}  # the profiler's records take memory too
 
 
 def run_trl(args, model_dir: Path, workdir: Path, problems: list) -> dict:
@@ -246,8 +247,7 @@ def main():
     if trl:
         ratio = result["step_time_ratio_trl_over_ours"]
         summary |= {"ratio_trl_over_ours": ratio, "target": 3.0, "met": ratio >= 3.0,
-                    # ours before its profiled extra step (the profiler's records take memory too)
-                    "peak_rss_mib": {"ours": ours["profile_extra_step"]["peak_rss_mib_before"],
+                    "peak_rss_mib": {"ours": ours["peak_rss_mib_before_profile"],
                                      "trl": trl["peak_rss_mib"]}}
     record(args.out, args.shape, result, summary)
     print(f"ours: {ours['median_step_s']:.2f} s/step (generate {ours['median_generate_s']:.2f}, "

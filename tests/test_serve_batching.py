@@ -1,6 +1,7 @@
 """Continuous batching (serve/scheduler.py): requests with different settings decode in one batch and give what
 the engine gives each alone; a request joins between steps and leaves when done; a client that disconnects or
-runs out of time frees its rows at once; the queue is first come, first served."""
+runs out of time frees its rows at once; the queue is first come, first served; joiners gather to share a
+prefill."""
 
 import threading
 import time
@@ -131,3 +132,48 @@ def test_queue_is_first_come_first_served_and_bounded(slow):
         assert error_of(r, 429)["code"] == "queue_full" and r.headers["Retry-After"] == "1"
         assert not small.done()  # never overtakes the older, wider request
         assert [f.result().status_code for f in (first, wide, small)] == [200, 200, 200]
+
+
+def test_joiners_gather_to_share_a_prefill(engine):
+    """While a request decodes, a lone joiner waits up to JOIN_PATIENCE steps for company; joiners enough to
+    fill an eighth of the batch are admitted at once, in one prefill."""
+    import asyncio
+    import types
+
+    import torch
+
+    from budgetthink.serve.jobs import Job
+    from budgetthink.serve.scheduler import JOIN_PATIENCE, Scheduler
+
+    loop = asyncio.new_event_loop()
+    ids = engine.tokenizer.encode("3 5 7 -> 22\n" + FMT.think_open)
+    s = Scheduler(engine, FMT, types.SimpleNamespace(engine_seconds=0.0, batches=0, batch_rows=0), max_batch=32)
+    prefills = []
+    forward = s.forward
+    s.forward = lambda cache, ids_, k, cache_len: (prefills.append(len(ids_)) if ids_.shape[1] > 1 else None,
+                                                   forward(cache, ids_, k, cache_len))[1]
+
+    def job(n=1):
+        return Job([ids], n, Sampling(temperature=0, max_tokens=200), Budget(min_thinking_tokens=150,
+                   max_thinking_tokens=190), loop.create_future())
+
+    def tick():
+        s.join()
+        s.step()
+
+    with torch.inference_mode():
+        s.submit(job())
+        tick()  # the first request starts at once: nothing else is running
+        assert [g.rows for g in s.groups] == [1]
+        s.submit(job())
+        for _ in range(JOIN_PATIENCE):
+            tick()
+            assert len(s.groups) == 1 and len(s.waiting) == 1  # held back, waiting for company
+        tick()
+        assert len(s.groups) == 2 and not s.waiting  # its patience ran out: admitted alone
+        s.submit(job(2))
+        s.submit(job(2))  # four rows together: an eighth of 32
+        tick()
+        assert len(s.groups) == 4 and not s.waiting
+    assert prefills == [1, 1, 2]  # rows per prefill: the first, the lone joiner, then two requests together
+    loop.close()

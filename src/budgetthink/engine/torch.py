@@ -37,10 +37,9 @@ A hand-written decoding loop (no `model.generate`), built for RL and evaluation 
   get log-prob 0 and `sampled=False`.
 - **Budget forcing** rules live in budget.py (`Forcing`); see its docstring for the exact semantics.
 - **Linear layers through oneDNN** (`OneDNNLinears`): in float32 on a CPU, the engine's forwards run each
-  `nn.Linear` as a oneDNN product on a prepacked copy of its weight (repacked when the weight changes, as in
-  RL). torch's own fp32 product goes through MKL, which on AMD CPUs with AVX-512 runs its AVX2 code: there
-  oneDNN's product is about twice as fast; elsewhere the two are alike. The copy costs the linear weights'
-  memory once more.
+  larger `nn.Linear` as a oneDNN product on a prepacked copy of its weight (repacked when the weight changes,
+  as in RL). torch's own fp32 product goes through MKL, which on AMD CPUs with AVX-512 runs its AVX2 code:
+  there oneDNN's product was about twice as fast. The copy costs those weights' memory once more.
 
 Numerics: a row's tokens are computed with the same weights and positions whatever the batch, but batched
 matrix products may round differently from a single-row forward, so greedy ties can in principle break
@@ -242,34 +241,34 @@ class RowCache(Cache):
 
 
 class OneDNNLinears:
-    """For the duration of a `with`, a model's fp32 `nn.Linear` layers on the CPU compute through oneDNN with
-    prepacked weights (inference only: with gradients on it does nothing). A weight is packed once and again
+    """For the duration of a `with`, a model's larger fp32 `nn.Linear` layers on the CPU compute through oneDNN
+    on prepacked weights (inference only: with gradients on it does nothing). A weight is packed once and again
     only when it changes (its version counter moves, as an optimizer step makes it), so one instance serves a
-    model that trains between generations. Layers on a GPU or in another dtype are left as they are."""
+    model that trains between generations."""
 
     MIN_WEIGHT = 1 << 18  # smaller layers lose more to converting their input than oneDNN's product gains
 
     def __init__(self, model):
         self.layers = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.numel() >= self.MIN_WEIGHT]
-        self.on = torch.backends.mkldnn.is_available() and bool(self.layers)
-        self.packed: dict[int, tuple] = {}  # id(layer) -> (weight version, weight data pointer, w, b)
-        self.active: list = []
+        self.on = torch.backends.mkldnn.is_available()
+        self.packed: dict[int, tuple] = {}  # id(layer) -> ((weight version, data pointer), its oneDNN forward)
+        self.active: list = []  # the layers patched by the current `with`
 
-    def _pack(self, m):
+    def _forward(self, m):
         key = (m.weight._version, m.weight.data_ptr())
         got = self.packed.get(id(m))
-        if got is None or got[:2] != key:
-            bias = m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
-            got = self.packed[id(m)] = (*key, m.weight.detach().to_mkldnn(), bias.to_mkldnn())
-        return got[2], got[3]
+        if got is None or got[0] != key:
+            w = m.weight.detach().to_mkldnn()
+            b = (m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)).to_mkldnn()
+            got = self.packed[id(m)] = key, lambda x: torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), w,
+                                                                                  b).to_dense()
+        return got[1]
 
     def __enter__(self):
-        self.active = [m for m in self.layers if m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
-                       ] if self.on and not torch.is_grad_enabled() else []
+        if self.on and not torch.is_grad_enabled():
+            self.active = [m for m in self.layers if m.weight.dtype == torch.float32 and m.weight.is_cpu]
         for m in self.active:
-            w, b = self._pack(m)
-            m.forward = lambda x, w=w, b=b, m=m: (torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), w, b)
-                                                  .to_dense() if x.numel() else F.linear(x, m.weight, m.bias))
+            m.forward = self._forward(m)
         return self
 
     def __exit__(self, *exc):
