@@ -19,8 +19,8 @@ masking, in one process; training throughput, and ours as a share of the machine
 - Tokens per second = real (non-pad) tokens trained / seconds spent inside optimizer steps (a callback times
   TRL's steps; ours are in metrics.jsonl); end-to-end seconds (loading, tokenising, training) are reported too.
 - Matmul throughput: torch.matmul of square matrices in the training dtype, best of several sizes, measured in
-  the same process (paths.matmul_rate; in fp32 oneDNN's rate beside it); ours as a share of it counts 6 x parameters + 12 x layers x hidden x sequence length
-  FLOPs per token (forward + backward, attention included at the batch's padded length).
+  the same process (paths.matmul_rate; in fp32 oneDNN's rate beside it); ours as a share of it counts 6 x
+  parameters + 12 x layers x hidden x sequence length FLOPs per token (forward + backward, attention included at the batch's padded length).
 
 Writes entry `--shape` (`tiny-small`; `... lora` with --lora) of benchmarks/results/sft_vs_trl.json.
 """

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from budgetthink.engine.torch import OneDNNLinears
 from budgetthink.jsonl import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,10 +63,10 @@ def matmul_rate(dtype=torch.float32, shapes: dict[str, tuple[int, int, int]] | N
     """This machine's torch.matmul GFLOP/s: the best of a few square sizes (`best`, the peak the benchmarks'
     shares of peak divide by) and, for each named (m, k, n) in `shapes`, the rate at that shape: the most a
     model whose products have those shapes can reach. In fp32 also oneDNN's product on a prepacked weight
-    (`onednn_best`, what the engine's linear layers use): on AMD CPUs with AVX-512, torch.matmul's MKL runs
-    its AVX2 code and oneDNN's is the machine's real fp32 peak."""
-    def rate(m, k, n, mm=torch.matmul, pack=lambda b: b):
-        a, b = torch.randn(m, k, dtype=dtype), pack(torch.randn(k, n, dtype=dtype))
+    (`onednn_best`, through the engine's OneDNNLinears): on AMD CPUs with AVX-512, torch.matmul's MKL runs
+    its AVX2 code and oneDNN's product is the faster one."""
+    def rate(m, k, n, mm=torch.matmul):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         mm(a, b)
         reps = max(3, int(2e9 / (2 * m * k * n)))
         t = time.perf_counter()
@@ -78,12 +79,12 @@ def matmul_rate(dtype=torch.float32, shapes: dict[str, tuple[int, int, int]] | N
     if shapes:
         out["at_model_shapes"] = {name: rate(*s) for name, s in shapes.items()}
     if dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        def onednn(m, k, n):  # the weight [n, k] packed, as a linear layer's
-            zero = torch.zeros(n).to_mkldnn()
-            return rate(m, k, n, lambda a, w: torch._C._nn.mkldnn_linear(a.to_mkldnn(), w, zero).to_dense(),
-                        lambda b: b.t().contiguous().to_mkldnn())
+        def onednn(m, k, n):  # the engine's own path: a k -> n linear layer under OneDNNLinears
+            layer = torch.nn.Linear(k, n, bias=False)
+            with torch.inference_mode(), OneDNNLinears(layer):
+                return rate(m, k, n, lambda a, _: layer(a))
 
-        sq = {str(n): onednn(n, n, n) for n in (256, 512, 1024, 2048)}
+        sq = {str(n): onednn(n, n, n) for n in (512, 1024, 2048)}  # 256^2 is below OneDNNLinears.MIN_WEIGHT
         out |= {"onednn_by_size": sq, "onednn_best": max(sq.values())}
         if shapes:
             out["onednn_at_model_shapes"] = {name: onednn(*s) for name, s in shapes.items()}
